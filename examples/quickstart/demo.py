@@ -1,0 +1,223 @@
+"""`make demo`: softmax vs daGPAM on a small synthetic translation task, end to end.
+
+Offline and deterministic. Generates a synthetic parallel corpus (a toy task: every word
+goes through a fixed dictionary and the word order is reversed), binarises it with
+fairseq-preprocess, trains a shrunk `transformer_gpam_iwslt_de_en` twice with identical
+settings, once with `--attention-type softmax` (the stock Transformer) and once with
+`--attention-type dagpam`, translates the test set with beam 5, scores it with sacreBLEU,
+and prints one table. Everything runs through the stock fairseq command lines with
+`--user-dir gpam_fairseq`, exactly as a user would run them.
+
+    python examples/quickstart/demo.py [--out runs/demo] [--max-update 1200]
+"""
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
+USER_DIR = os.path.join(REPO, "gpam_fairseq")
+sys.path.insert(0, HERE)
+
+from synthetic_corpus import SRC_LANG, TGT_LANG, write_corpus  # noqa: E402
+
+SYSTEMS = ("softmax", "dagpam")
+
+# A shrunk transformer_iwslt_de_en; both systems get exactly these settings.
+MODEL_ARGS = [
+    "--arch", "transformer_gpam_iwslt_de_en",
+    "--encoder-layers", "2", "--decoder-layers", "2",
+    "--encoder-embed-dim", "64", "--decoder-embed-dim", "64",
+    "--encoder-ffn-embed-dim", "128", "--decoder-ffn-embed-dim", "128",
+    "--encoder-attention-heads", "4", "--decoder-attention-heads", "4",
+    "--share-decoder-input-output-embed",
+]
+TRAIN_ARGS = [
+    "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--clip-norm", "0.0",
+    "--lr", "2e-3", "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "200",
+    "--dropout", "0.1", "--weight-decay", "0.0001",
+    "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1",
+    "--max-tokens", "4096", "--seed", "1",
+    "--no-epoch-checkpoints", "--log-format", "json", "--log-interval", "50",
+]
+# fairseq-fixed drops the sentences of a last batch that is not a multiple of
+# --required-batch-size-multiple (default 8); 1 keeps every test sentence.
+GENERATE_ARGS = ["--beam", "5", "--batch-size", "128", "--required-batch-size-multiple", "1"]
+
+
+def say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def fairseq_cli(name: str) -> str:
+    """The console script next to this Python (the venv's), else the one on PATH."""
+    local = os.path.join(os.path.dirname(sys.executable), name)
+    return local if os.path.exists(local) else name
+
+
+def run(step: str, cmd, log_path: str, echo=None) -> str:
+    """Run a fairseq CLI, logging to log_path; echo(line) picks lines to show as progress."""
+    with open(log_path, "w", encoding="utf-8") as log:
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO
+        )
+        for line in proc.stdout:
+            log.write(line)
+            shown = echo(line) if echo else None
+            if shown:
+                say(shown)
+        proc.wait()
+    if proc.returncode != 0:
+        with open(log_path, encoding="utf-8") as f:
+            tail = "".join(f.readlines()[-25:])
+        sys.exit(f"demo: step '{step}' failed (exit {proc.returncode}); last lines of {log_path}:\n{tail}")
+    with open(log_path, encoding="utf-8") as f:
+        return f.read()
+
+
+def training_progress(system: str):
+    def echo(line: str):
+        if "| train_inner |" in line or "| valid |" in line:
+            stats = json.loads(line.split("| ", 3)[-1])
+            if "num_updates" in stats and "loss" in stats:
+                return f"  [{system}] update {stats['num_updates']:>5}  loss {stats['loss']}  wps {stats.get('wps', '-')}"
+            if "valid_loss" in stats:
+                return f"  [{system}] validation after update {stats['valid_num_updates']}: loss {stats['valid_loss']}"
+        return None
+
+    return echo
+
+
+def parse_training_log(text: str):
+    params = re.search(r"num\. model params: ([\d,]+)", text)
+    wps = [
+        float(json.loads(line.split("| ", 3)[-1])["wps"])
+        for line in text.splitlines()
+        if "| train_inner |" in line
+    ]
+    return {
+        "params": int(params.group(1).replace(",", "")) if params else None,
+        "wps": statistics.median(wps) if wps else None,
+    }
+
+
+def read_generate_output(text: str):
+    """Detokenised hypotheses (D-) and references (T-) in corpus order."""
+    hyps, refs = {}, {}
+    for line in text.splitlines():
+        if line.startswith("D-"):
+            idx, _score, hyp = line[2:].split("\t", 2)
+            hyps[int(idx)] = hyp
+        elif line.startswith("T-"):
+            idx, ref = line[2:].split("\t", 1)
+            refs[int(idx)] = ref
+    ids = sorted(refs)
+    if sorted(hyps) != ids:
+        raise RuntimeError(f"fairseq-generate returned {len(hyps)} hypotheses for {len(ids)} references")
+    return [hyps[i] for i in ids], [refs[i] for i in ids]
+
+
+def score(hyps, refs):
+    from sacrebleu.metrics import BLEU, CHRF
+
+    bleu, chrf = BLEU(), CHRF()
+    b = bleu.corpus_score(hyps, [refs])
+    c = chrf.corpus_score(hyps, [refs])
+    return {"bleu": b.score, "bleu_signature": str(bleu.get_signature()), "chrf": c.score, "chrf_signature": str(chrf.get_signature())}
+
+
+def format_table(rows, baseline_params):
+    lines = [
+        "| system | attention | BLEU | chrF | parameters | extra vs softmax | train words/s |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        extra = (r["params"] - baseline_params) / baseline_params * 100 if baseline_params else float("nan")
+        lines.append(
+            f"| {r['system']} | {r['attention']} | {r['bleu']:.2f} | {r['chrf']:.2f} | "
+            f"{r['params']:,} | {extra:+.2f} % | {r['wps']:,.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default=os.path.join(REPO, "runs", "demo"), help="output folder (replaced)")
+    parser.add_argument("--max-update", type=int, default=1200, help="training updates per system")
+    parser.add_argument("--train-size", type=int, default=20000, help="synthetic training pairs")
+    parser.add_argument("--test-size", type=int, default=500, help="synthetic test pairs")
+    args = parser.parse_args(argv)
+
+    out = os.path.abspath(args.out)
+    if os.path.exists(out):
+        shutil.rmtree(out)
+    os.makedirs(out)
+    start = time.time()
+
+    say(f"[1/4] synthetic corpus -> {out}/raw")
+    say("      NOTE: a toy task, not real translation: each source word maps to one target word and the order is reversed")
+    write_corpus(os.path.join(out, "raw"), n_train=args.train_size, n_valid=args.test_size, n_test=args.test_size)
+
+    say("[2/4] fairseq-preprocess")
+    raw = lambda split: os.path.join(out, "raw", split)
+    data_bin = os.path.join(out, "data-bin")
+    run(
+        "fairseq-preprocess",
+        [fairseq_cli("fairseq-preprocess"), "--source-lang", SRC_LANG, "--target-lang", TGT_LANG,
+         "--trainpref", raw("train"), "--validpref", raw("valid"), "--testpref", raw("test"),
+         "--destdir", data_bin, "--workers", "2"],
+        os.path.join(out, "preprocess.log"),
+    )
+
+    rows = []
+    for i, system in enumerate(SYSTEMS):
+        save_dir = os.path.join(out, "checkpoints", system)
+        tb_dir = os.path.join(out, "tensorboard", system)
+        say(f"[3/4] fairseq-train --attention-type {system} ({args.max_update} updates, {i + 1}/{len(SYSTEMS)})")
+        train_log = run(
+            f"fairseq-train ({system})",
+            [fairseq_cli("fairseq-train"), data_bin, "--user-dir", USER_DIR, *MODEL_ARGS,
+             "--attention-type", system, *TRAIN_ARGS, "--max-update", str(args.max_update),
+             "--save-dir", save_dir, "--tensorboard-logdir", tb_dir],
+            os.path.join(out, f"train_{system}.log"),
+            echo=training_progress(system),
+        )
+        say(f"[4/4] fairseq-generate --beam 5 ({system})")
+        gen_log = run(
+            f"fairseq-generate ({system})",
+            [fairseq_cli("fairseq-generate"), data_bin, "--user-dir", USER_DIR,
+             "--path", os.path.join(save_dir, "checkpoint_best.pt"), "--gen-subset", "test", *GENERATE_ARGS],
+            os.path.join(out, f"generate_{system}.log"),
+        )
+        hyps, refs = read_generate_output(gen_log)
+        with open(os.path.join(out, f"test_{system}.hyp"), "w", encoding="utf-8") as f:
+            f.writelines(h + "\n" for h in hyps)
+        rows.append({"system": f"transformer_gpam_iwslt_de_en (shrunk), {system}", "attention": system,
+                     **parse_training_log(train_log), **score(hyps, refs)})
+
+    table = format_table(rows, rows[0]["params"])
+    with open(os.path.join(out, "results.md"), "w", encoding="utf-8") as f:
+        f.write(table + "\n")
+    with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as f:
+        json.dump(rows, f, indent=2)
+
+    say("")
+    say(f"Results on the synthetic toy task (test set, {args.test_size} sentences, beam 5):")
+    say(table)
+    say(f"BLEU signature: {rows[0]['bleu_signature']}")
+    say(f"chrF signature: {rows[0]['chrf_signature']}")
+    say("train words/s: median of fairseq's logged wps (target tokens per second).")
+    say(f"tensorboard logs: {os.path.join(out, 'tensorboard')}  (tensorboard --logdir {os.path.join(out, 'tensorboard')})")
+    say(f"logs, checkpoints, hypotheses and results.md: {out}")
+    say(f"demo finished in {time.time() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

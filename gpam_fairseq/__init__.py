@@ -1,0 +1,15 @@
+"""gpam_fairseq: generalized probabilistic attention (daGPAM) for fairseq.
+
+Use with ``--user-dir gpam_fairseq`` on the stock fairseq command lines, or import it
+before building or loading a model from Python. Importing registers the
+``transformer_gpam`` and ``transformer_lm_gpam`` models and their architectures.
+"""
+
+from gpam_fairseq.compat import allow_fairseq_checkpoints
+
+allow_fairseq_checkpoints()
+
+# fairseq auto-imports models/ only when --user-dir is the first import of this package
+from gpam_fairseq.models import transformer_gpam, transformer_lm_gpam  # noqa: E402,F401
+
+__version__ = "0.1.0"

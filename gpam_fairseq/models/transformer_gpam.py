@@ -1,0 +1,81 @@
+"""transformer_gpam: fairseq's Transformer for translation, with daGPAM attention.
+
+The model is fairseq's ``TransformerModel`` whose encoder and decoder build
+:mod:`gpam_fairseq.modules.transformer` layers. Every architecture has the
+hyperparameters of the stock architecture of the same name, plus the GPAM options
+(see ``gpam_fairseq/options.py`` and the README). ``--attention-type softmax`` gives the
+stock Transformer, computed by the same code, for baselines.
+"""
+
+from fairseq.dataclass.utils import gen_parser_from_dataclass
+from fairseq.models import register_model, register_model_architecture
+from fairseq.models.transformer import TransformerConfig, TransformerModel
+from fairseq.models.transformer import transformer_legacy as stock
+
+from gpam_fairseq.modules.transformer import GPAMTransformerDecoder, GPAMTransformerEncoder
+from gpam_fairseq.options import (
+    NMT_ROLES,
+    GPAMConfig,
+    GPAMConfigError,
+    gpam_options_from_args,
+    set_gpam_defaults,
+)
+
+
+@register_model("transformer_gpam")
+class TransformerGPAMModel(TransformerModel):
+    """Transformer (Vaswani et al., 2017) with generalized probabilistic attention
+    (daGPAM; Heo & Choi, 2024) in the blocks named by ``--gpam-blocks``."""
+
+    @classmethod
+    def add_args(cls, parser):
+        super().add_args(parser)
+        # no argparse defaults: the architecture functions fill them (fairseq convention)
+        gen_parser_from_dataclass(parser, GPAMConfig(), delete_default=True)
+
+    @classmethod
+    def build_model(cls, args, task):
+        set_gpam_defaults(args, NMT_ROLES)
+        gpam_options_from_args(args, NMT_ROLES)  # fail early, with the flag's name
+        for side in ("encoder", "decoder"):
+            if getattr(args, f"{side}_xformers_att_config", None):
+                raise GPAMConfigError(
+                    f"--{side}-xformers-att-config: not supported by transformer_gpam "
+                    "(its attention runs through torch scaled_dot_product_attention); drop the flag"
+                )
+        return super().build_model(args, task)
+
+    @classmethod
+    def build_encoder(cls, cfg, src_dict, embed_tokens):
+        cfg = TransformerConfig.from_namespace(cfg)
+        return GPAMTransformerEncoder(cfg, src_dict, embed_tokens, gpam_options_from_args(cfg, NMT_ROLES))
+
+    @classmethod
+    def build_decoder(cls, cfg, tgt_dict, embed_tokens):
+        cfg = TransformerConfig.from_namespace(cfg)
+        return GPAMTransformerDecoder(
+            cfg,
+            tgt_dict,
+            embed_tokens,
+            gpam_options_from_args(cfg, NMT_ROLES),
+            no_encoder_attn=cfg.no_cross_attention,
+        )
+
+
+def _gpam_architecture(stock_architecture):
+    """Register transformer_gpam<suffix> with the stock architecture's hyperparameters."""
+
+    def architecture(args):
+        set_gpam_defaults(args, NMT_ROLES)
+        stock_architecture(args)
+
+    return architecture
+
+
+for _name, _stock in (
+    ("transformer_gpam", stock.base_architecture),
+    ("transformer_gpam_iwslt_de_en", stock.transformer_iwslt_de_en),
+    ("transformer_gpam_wmt_en_de", stock.transformer_wmt_en_de),
+    ("transformer_gpam_vaswani_wmt_en_de_big", stock.transformer_vaswani_wmt_en_de_big),
+):
+    register_model_architecture("transformer_gpam", _name)(_gpam_architecture(_stock))

@@ -1,0 +1,115 @@
+"""fairseq's Transformer layers and stacks with the attention of each block chosen by GPAMOptions.
+
+Each class is the stock fairseq class with one thing swapped: the layers build a
+:class:`GPAMMultiheadAttention` (``build_self_attention`` / ``build_encoder_attention``,
+the override points fairseq's own Linformer example uses), and the stacks build those
+layers, keeping fairseq's activation checkpointing and FSDP wrapping around them.
+The options travel explicitly, not through ``TransformerConfig`` (which drops unknown
+keys when a language model's args are a DictConfig).
+"""
+
+from fairseq.distributed import fsdp_wrap
+from fairseq.models.transformer import TransformerDecoderBase, TransformerEncoderBase
+from fairseq.modules.checkpoint_activations import checkpoint_wrapper
+from fairseq.modules.transformer_layer import (
+    TransformerDecoderLayerBase,
+    TransformerEncoderLayerBase,
+)
+
+from gpam_fairseq.attention.mechanisms import build_mechanism
+from gpam_fairseq.attention.multihead import GPAMMultiheadAttention
+from gpam_fairseq.options import GPAMOptions
+
+
+def build_attention(role: str, gpam: GPAMOptions, embed_dim: int, num_heads: int, **kwargs):
+    """The attention module of one block: role is enc_self, dec_self or cross."""
+    mechanism = build_mechanism(gpam.type_for(role), num_heads, embed_dim // num_heads, gpam)
+    return GPAMMultiheadAttention(embed_dim, num_heads, mechanism, **kwargs)
+
+
+def wrap_layer(layer, cfg):
+    """Activation checkpointing and FSDP wrapping, as fairseq's build_*_layer apply them."""
+    checkpoint = cfg.checkpoint_activations
+    if checkpoint:
+        layer = checkpoint_wrapper(layer, offload_to_cpu=cfg.offload_activations)
+    # when checkpointing, FSDP always wraps the checkpointed layer, whatever its size
+    min_params_to_wrap = cfg.min_params_to_wrap if not checkpoint else 0
+    return fsdp_wrap(layer, min_num_params=min_params_to_wrap)
+
+
+class GPAMTransformerEncoderLayer(TransformerEncoderLayerBase):
+    def __init__(self, cfg, gpam: GPAMOptions, return_fc=False):
+        self.gpam = gpam  # read by build_self_attention inside the base constructor
+        super().__init__(cfg, return_fc=return_fc)
+        # fairseq 0.12.2 only: its "BetterTransformer" fast path would replace our
+        # attention by torch._transformer_encoder_layer_fwd at inference. No-op elsewhere.
+        self.BT_version = False
+
+    def build_self_attention(self, embed_dim, cfg):
+        return build_attention(
+            "enc_self",
+            self.gpam,
+            embed_dim,
+            cfg.encoder.attention_heads,
+            dropout=cfg.attention_dropout,
+            self_attention=True,
+            q_noise=self.quant_noise,
+            qn_block_size=self.quant_noise_block_size,
+        )
+
+
+class GPAMTransformerDecoderLayer(TransformerDecoderLayerBase):
+    def __init__(self, cfg, gpam: GPAMOptions, no_encoder_attn=False, add_bias_kv=False, add_zero_attn=False):
+        self.gpam = gpam
+        super().__init__(
+            cfg, no_encoder_attn=no_encoder_attn, add_bias_kv=add_bias_kv, add_zero_attn=add_zero_attn
+        )
+
+    def build_self_attention(self, embed_dim, cfg, add_bias_kv=False, add_zero_attn=False):
+        return build_attention(
+            "dec_self",
+            self.gpam,
+            embed_dim,
+            cfg.decoder.attention_heads,
+            dropout=cfg.attention_dropout,
+            add_bias_kv=add_bias_kv,
+            add_zero_attn=add_zero_attn,
+            self_attention=not cfg.cross_self_attention,
+            q_noise=self.quant_noise,
+            qn_block_size=self.quant_noise_block_size,
+        )
+
+    def build_encoder_attention(self, embed_dim, cfg):
+        return build_attention(
+            "cross",
+            self.gpam,
+            embed_dim,
+            cfg.decoder.attention_heads,
+            kdim=cfg.encoder.embed_dim,
+            vdim=cfg.encoder.embed_dim,
+            dropout=cfg.attention_dropout,
+            encoder_decoder_attention=True,
+            q_noise=self.quant_noise,
+            qn_block_size=self.quant_noise_block_size,
+        )
+
+
+class GPAMTransformerEncoder(TransformerEncoderBase):
+    def __init__(self, cfg, dictionary, embed_tokens, gpam: GPAMOptions, return_fc=False):
+        self.gpam = gpam  # read by build_encoder_layer inside the base constructor
+        super().__init__(cfg, dictionary, embed_tokens, return_fc=return_fc)
+        self.BT_version = False  # fairseq 0.12.2 only, see GPAMTransformerEncoderLayer
+
+    def build_encoder_layer(self, cfg):
+        return wrap_layer(GPAMTransformerEncoderLayer(cfg, self.gpam, return_fc=self.return_fc), cfg)
+
+
+class GPAMTransformerDecoder(TransformerDecoderBase):
+    def __init__(self, cfg, dictionary, embed_tokens, gpam: GPAMOptions, no_encoder_attn=False, output_projection=None):
+        self.gpam = gpam
+        super().__init__(
+            cfg, dictionary, embed_tokens, no_encoder_attn=no_encoder_attn, output_projection=output_projection
+        )
+
+    def build_decoder_layer(self, cfg, no_encoder_attn=False):
+        return wrap_layer(GPAMTransformerDecoderLayer(cfg, self.gpam, no_encoder_attn=no_encoder_attn), cfg)
