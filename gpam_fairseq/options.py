@@ -84,8 +84,9 @@ class GPAMConfig(FairseqDataclass):
     )
 
 
-FLAG = {f.name: "--" + f.name.replace("_", "-") for f in fields(GPAMConfig)}
-DEFAULTS = {f.name: f.default for f in fields(GPAMConfig)}
+_OPTIONS = [f for f in fields(GPAMConfig) if not f.name.startswith("_")]  # not fairseq's _name
+FLAG = {f.name: "--" + f.name.replace("_", "-") for f in _OPTIONS}
+DEFAULTS = {f.name: f.default for f in _OPTIONS}
 
 
 @dataclass(frozen=True)
