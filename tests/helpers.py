@@ -2,7 +2,6 @@
 
 import os
 
-import torch
 from fairseq import options
 from fairseq.data import Dictionary
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf
@@ -66,8 +65,3 @@ def attention_modules(model):
     from gpam_fairseq.attention.multihead import GPAMMultiheadAttention
 
     return {n: m for n, m in model.named_modules() if isinstance(m, GPAMMultiheadAttention)}
-
-
-def on_meta_device():
-    """Build big models without allocating their weights (parameter counts only)."""
-    return torch.device("meta")
