@@ -66,7 +66,7 @@ def zero_fully_masked_rows(out: Tensor, bias: Optional[Tensor]) -> Tensor:
     """Force a zero output for query rows whose keys are all masked.
 
     The fused kernels already return 0 there on the CPU, but not every backend promises
-    it, so every fused path ends here rather than trusting the kernel.
+    it, so every fused path ends here (once, after combining) rather than trusting the kernel.
     """
     if bias is None:
         return out
@@ -79,10 +79,10 @@ def fused_attention(
 ) -> Tensor:
     """softmax(q k^T / sqrt(d_h) + bias) v through the fused kernel, never a T x T map.
 
-    Fused kernels accumulate the softmax in fp32 even for fp16/bf16 inputs.
+    Fused kernels accumulate the softmax in fp32 even for fp16/bf16 inputs. Callers
+    pass the final output through :func:`zero_fully_masked_rows`.
     """
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p)
-    return zero_fully_masked_rows(out, bias)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p)
 
 
 def combine(o_pos: Tensor, o_neg: Tensor, lambda_pos: Lambda, lambda_neg: Lambda) -> Tensor:
@@ -105,7 +105,7 @@ def softmax_attention(
 ) -> Tuple[Tensor, Optional[Tensor]]:
     """Conventional attention: returns (output, weights or None)."""
     if not need_weights:
-        return fused_attention(q, k, v, bias, dropout_p), None
+        return zero_fully_masked_rows(fused_attention(q, k, v, bias, dropout_p), bias), None
     probs = masked_softmax(attention_scores(q, k, bias))
     out = F.dropout(probs, dropout_p, training=dropout_p > 0).to(v.dtype) @ v
     return out, probs
@@ -171,4 +171,4 @@ def dagpam_attention(
     else:
         o_pos = fused_attention(q, k, v, bias, dropout_p)
         o_neg = fused_attention(q_neg, k, v, bias, dropout_p)
-    return combine(o_pos, o_neg, lambda_pos, lambda_neg), None
+    return zero_fully_masked_rows(combine(o_pos, o_neg, lambda_pos, lambda_neg), bias), None
