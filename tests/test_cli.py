@@ -5,7 +5,6 @@ torch's weights_only default, thanks to the plugin's allowlist alone.
 """
 
 import glob
-import json
 import math
 import os
 import re
@@ -16,6 +15,7 @@ import pytest
 import torch
 
 from helpers import REPO, USER_DIR
+from demo import log_records
 from synthetic_corpus import write_corpus
 
 BIN = os.path.dirname(sys.executable)
@@ -49,7 +49,7 @@ def cli(name, *args, stdin=None):
 
 
 def log_stats(output, tag):
-    return [json.loads(line.split(f"| {tag} | ", 1)[1]) for line in output.splitlines() if f"| {tag} | " in line]
+    return log_records(output.splitlines(), tag)
 
 
 @pytest.fixture(scope="module")

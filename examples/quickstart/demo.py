@@ -82,14 +82,18 @@ def run(step: str, cmd, log_path: str, echo=None) -> str:
         return f.read()
 
 
+def log_records(lines, tag: str):
+    """The statistics of fairseq's `--log-format json` lines of one kind (train_inner, train, valid)."""
+    marker = f"| {tag} | "
+    return [json.loads(line.split(marker, 1)[1]) for line in lines if marker in line]
+
+
 def training_progress(system: str):
     def echo(line: str):
-        if "| train_inner |" in line or "| valid |" in line:
-            stats = json.loads(line.split("| ", 3)[-1])
-            if "num_updates" in stats and "loss" in stats:
-                return f"  [{system}] update {stats['num_updates']:>5}  loss {stats['loss']}  wps {stats.get('wps', '-')}"
-            if "valid_loss" in stats:
-                return f"  [{system}] validation after update {stats['valid_num_updates']}: loss {stats['valid_loss']}"
+        for stats in log_records([line], "train_inner"):
+            return f"  [{system}] update {stats['num_updates']:>5}  loss {stats['loss']}  wps {stats.get('wps', '-')}"
+        for stats in log_records([line], "valid"):
+            return f"  [{system}] validation after update {stats['valid_num_updates']}: loss {stats['valid_loss']}"
         return None
 
     return echo
@@ -97,11 +101,11 @@ def training_progress(system: str):
 
 def parse_training_log(text: str):
     params = re.search(r"num\. (?:shared )?model params: ([\d,]+)", text)
-    def logged(tag, key):
-        return [float(json.loads(line.split("| ", 3)[-1])[key]) for line in text.splitlines() if f"| {tag} |" in line]
-
+    lines = text.splitlines()
     # fairseq's wps over each logging interval; short runs have only the epoch averages
-    wps = logged("train_inner", "wps") or logged("train", "train_wps")
+    wps = [float(s["wps"]) for s in log_records(lines, "train_inner")] or [
+        float(s["train_wps"]) for s in log_records(lines, "train")
+    ]
     return {
         "params": int(params.group(1).replace(",", "")) if params else None,
         "wps": statistics.median(wps) if wps else None,
