@@ -22,6 +22,7 @@ setup(
         "subword-nmt",  # BPE for the recipes, without a git clone
         "sacrebleu>=2.0",  # BLEU and chrF with signatures
         "tensorboard",  # fairseq's --tensorboard-logdir
+        "matplotlib",  # PNG figures of the comparison, analysis and benchmark scripts
     ],
     extras_require={"test": ["pytest>=7"]},
     classifiers=[
