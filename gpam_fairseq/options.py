@@ -14,7 +14,7 @@ from typing import Any, FrozenSet, Tuple
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.utils import safe_getattr
 
-ATTENTION_TYPES = ("softmax", "dagpam")
+ATTENTION_TYPES = ("softmax", "dagpam", "diff", "coda", "nap", "unnormalized")
 ROLES = ("enc_self", "dec_self", "cross")
 NMT_ROLES = ROLES
 LM_ROLES = ("dec_self",)
@@ -33,7 +33,10 @@ class GPAMConfig(FairseqDataclass):
         default="dagpam",
         metadata={
             "help": "attention in the blocks named by --gpam-blocks: 'dagpam' (dual-attention "
-            "GPAM) or 'softmax' (the stock Transformer, for baselines trained by the same code)"
+            "GPAM), 'softmax' (the stock Transformer, for baselines trained by the same code), or "
+            "the alternatives the paper compares with: 'diff' (Differential Transformer; pairs "
+            "heads, so the number of heads must be even), 'coda' (compositional de-attention), "
+            "'nap' (normalized attention pooling), 'unnormalized' (scaled scores times V)"
         },
     )
     gpam_lambda_pos: float = field(
@@ -81,6 +84,18 @@ class GPAMConfig(FairseqDataclass):
             "help": "initial W_Q-: -I (the paper's Lemma 6 picture: the negative map "
             "attends where the positive one does not) or random (Xavier uniform)"
         },
+    )
+    gpam_stats_interval: int = field(
+        default=10,
+        metadata={
+            "help": "log the daGPAM scalars (trainable lambda+/-, share of negative attention "
+            "mass, mean row sum) next to fairseq's own, tensorboard included, every N updates "
+            "and on every validation batch, from a 16-query subsample; 0 = off"
+        },
+    )
+    gpam_stats_per_layer: bool = field(
+        default=False,
+        metadata={"help": "log those scalars per layer (gpam/dec1_self/...) instead of per block kind (gpam/dec_self/...)"},
     )
 
 

@@ -49,12 +49,12 @@ def test_language_model_errors(flags, expected):
 @pytest.mark.parametrize(
     "arch,flag,value,allowed",
     [
-        ("transformer_gpam_iwslt_de_en", "--attention-type", "linear", "'softmax', 'dagpam'"),
+        ("transformer_gpam_iwslt_de_en", "--attention-type", "linear", "'softmax', 'dagpam', 'diff', 'coda', 'nap', 'unnormalized'"),
         ("transformer_gpam_iwslt_de_en", "--gpam-lambda-scope", "layer", "'module', 'head'"),
         ("transformer_gpam_iwslt_de_en", "--gpam-neg-query", "global", "'shared', 'per_head'"),
         ("transformer_gpam_iwslt_de_en", "--gpam-neg-query-init", "identity", "'neg_identity', 'random'"),
         ("transformer_gpam_iwslt_de_en", "--gpam-lambda-pos", "big", None),
-        ("transformer_lm_gpam", "--attention-type", "linear", "'softmax', 'dagpam'"),
+        ("transformer_lm_gpam", "--attention-type", "linear", "'softmax', 'dagpam', 'diff', 'coda', 'nap', 'unnormalized'"),
         ("transformer_lm_gpam", "--gpam-neg-query-init", "zeros", "'neg_identity', 'random'"),
     ],
 )

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gpam_fairseq.attention import functional
-from gpam_fairseq.options import GPAMOptions
+from gpam_fairseq.options import GPAMConfigError, GPAMOptions
 
 
 class SoftmaxMechanism(nn.Module):
@@ -116,8 +116,159 @@ class DaGPAMMechanism(nn.Module):
         )
 
 
-MECHANISMS = {m.name: m for m in (SoftmaxMechanism, DaGPAMMechanism)}
+# ----------------------------------------------------------------------------- alternatives
+# The mechanisms the paper compares daGPAM with (their math: functional.py).
 
 
-def build_mechanism(attention_type: str, num_heads: int, head_dim: int, options: GPAMOptions) -> nn.Module:
-    return MECHANISMS[attention_type](num_heads, head_dim, options)
+def _keep_fp32(params) -> None:
+    """Scalars that steer a whole map (lambda, gain, shift) stay fp32 after model.half()."""
+    for p in params:
+        if p.dtype in (torch.float16, torch.bfloat16):
+            p.data = p.data.float()
+
+
+class DiffMechanism(nn.Module):
+    """Differential attention (Ye et al. 2024, arXiv:2410.05258), see ``functional.diff_attention``.
+
+    Heads 2i and 2i+1 form one differential head (so the number of heads must be even):
+    A = softmax(Q1 K1^T) - lambda softmax(Q2 K2^T), O = (1 - lambda_init) RMSNorm(A [V1 V2]).
+    lambda = exp(lambda_q1 . lambda_k1) - exp(lambda_q2 . lambda_k2) + lambda_init, with
+    four learned d_h-vectors per module (initialised N(0, 0.1^2)) and the depth-dependent
+    lambda_init = 0.8 - 0.6 exp(-0.3 (l - 1)) of the module's layer l (1-based, counted
+    within its encoder or decoder stack). The RMSNorm over 2 d_h has a learned scale.
+    """
+
+    name = "diff"
+    uses_layer_index = True
+
+    def __init__(self, num_heads: int, head_dim: int, options: Optional[GPAMOptions] = None, layer_index: int = 1):
+        super().__init__()
+        if num_heads % 2:
+            raise GPAMConfigError(
+                f"--encoder-attention-heads/--decoder-attention-heads: --attention-type diff pairs "
+                f"heads 2i, 2i+1 into one differential head, so the number of heads must be even, got {num_heads}"
+            )
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.layer_index = layer_index
+        self.lambda_init = functional.diff_lambda_init(layer_index)
+        self.lambda_q1 = nn.Parameter(torch.empty(head_dim))
+        self.lambda_k1 = nn.Parameter(torch.empty(head_dim))
+        self.lambda_q2 = nn.Parameter(torch.empty(head_dim))
+        self.lambda_k2 = nn.Parameter(torch.empty(head_dim))
+        self.norm_weight = nn.Parameter(torch.ones(2 * head_dim))
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        with torch.no_grad():
+            for p in (self.lambda_q1, self.lambda_k1, self.lambda_q2, self.lambda_k2):
+                p.normal_(0.0, 0.1)
+            self.norm_weight.fill_(1.0)
+
+    def lambda_full(self) -> Tensor:
+        return functional.diff_lambda(self.lambda_q1, self.lambda_k1, self.lambda_q2, self.lambda_k2, self.lambda_init)
+
+    def forward(self, q, k, v, bias=None, dropout_p: float = 0.0, need_weights: bool = False):
+        return functional.diff_attention(
+            q, k, v, self.lambda_full(), self.lambda_init, self.norm_weight, bias, dropout_p, need_weights
+        )
+
+    def scores(self, q: Tensor, k: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+        """Per head: head 2i holds Q1 K1^T, head 2i+1 holds Q2 K2^T of differential head i."""
+        return functional.attention_scores(q, k, bias)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        _keep_fp32((self.lambda_q1, self.lambda_k1, self.lambda_q2, self.lambda_k2))
+        return self
+
+    def extra_repr(self) -> str:
+        return f"pairs={self.num_heads // 2}, layer={self.layer_index}, lambda_init={self.lambda_init:.4f}"
+
+
+class CoDAMechanism(nn.Module):
+    """Compositional de-attention (Tay et al. 2019): tanh(E) * sigmoid(N) V, not normalised.
+
+    E = Q K^T / sqrt(d_h), N = -||q_i - k_j||_1 / sqrt(d_h); weights lie in (-1/2, 1/2).
+    No parameters. See ``functional.coda_attention``.
+    """
+
+    name = "coda"
+
+    def __init__(self, num_heads: int, head_dim: int, options: Optional[GPAMOptions] = None):
+        super().__init__()
+
+    def forward(self, q, k, v, bias=None, dropout_p: float = 0.0, need_weights: bool = False):
+        return functional.coda_attention(q, k, v, bias, dropout_p, need_weights)
+
+    def scores(self, q: Tensor, k: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+        """E and N stacked on a leading axis of size 2 (masked entries -inf in both)."""
+        e = functional.attention_scores(q, k, bias)
+        l1 = torch.cdist(q.reshape(-1, q.size(-2), q.size(-1)), k.reshape(-1, k.size(-2), k.size(-1)), p=1.0)
+        n = -l1.view(e.shape) * q.size(-1) ** -0.5
+        keep = functional.unmasked_keys(bias)
+        if keep is not None:
+            n = n.masked_fill(~keep, float("-inf"))
+        return torch.stack([e, n])
+
+
+class NAPMechanism(nn.Module):
+    """Normalized attention pooling (Richter & Wattenhofer 2020, arXiv:2005.09561).
+
+    W = gain * (S - mean S) / std S + shift over each query's unmasked keys, O = W V; one
+    learned (gain, shift) per head, initialised (1, 0) as in the authors' code, kept fp32.
+    See ``functional.nap_attention``.
+    """
+
+    name = "nap"
+
+    def __init__(self, num_heads: int, head_dim: int, options: Optional[GPAMOptions] = None):
+        super().__init__()
+        self.gain = nn.Parameter(torch.ones(num_heads))
+        self.shift = nn.Parameter(torch.zeros(num_heads))
+
+    def forward(self, q, k, v, bias=None, dropout_p: float = 0.0, need_weights: bool = False):
+        gain, shift = (p.to(functional.accumulation_dtype(p)).view(-1, 1, 1) for p in (self.gain, self.shift))
+        return functional.nap_attention(q, k, v, gain, shift, bias, dropout_p, need_weights)
+
+    def scores(self, q: Tensor, k: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+        return functional.attention_scores(q, k, bias)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        _keep_fp32((self.gain, self.shift))
+        return self
+
+
+class UnnormalizedMechanism(nn.Module):
+    """Scaled scores used directly as weights: (Q K^T / sqrt(d_h)) V, masked keys 0.
+
+    Our reading of the GPAM paper's "NON" baseline. See ``functional.unnormalized_attention``.
+    """
+
+    name = "unnormalized"
+
+    def __init__(self, num_heads: int, head_dim: int, options: Optional[GPAMOptions] = None):
+        super().__init__()
+
+    def forward(self, q, k, v, bias=None, dropout_p: float = 0.0, need_weights: bool = False):
+        return functional.unnormalized_attention(q, k, v, bias, dropout_p, need_weights)
+
+    def scores(self, q: Tensor, k: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+        return functional.attention_scores(q, k, bias)
+
+
+MECHANISMS = {
+    m.name: m
+    for m in (SoftmaxMechanism, DaGPAMMechanism, DiffMechanism, CoDAMechanism, NAPMechanism, UnnormalizedMechanism)
+}
+
+
+def build_mechanism(
+    attention_type: str, num_heads: int, head_dim: int, options: GPAMOptions, layer_index: int = 1
+) -> nn.Module:
+    """The mechanism module; ``layer_index`` (1-based, within its stack) matters to diff only."""
+    cls = MECHANISMS[attention_type]
+    if getattr(cls, "uses_layer_index", False):
+        return cls(num_heads, head_dim, options, layer_index=layer_index)
+    return cls(num_heads, head_dim, options)

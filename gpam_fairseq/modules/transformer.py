@@ -21,9 +21,10 @@ from gpam_fairseq.attention.multihead import GPAMMultiheadAttention
 from gpam_fairseq.options import GPAMOptions
 
 
-def build_attention(role: str, gpam: GPAMOptions, embed_dim: int, num_heads: int, **kwargs):
-    """The attention module of one block: role is enc_self, dec_self or cross."""
-    mechanism = build_mechanism(gpam.type_for(role), num_heads, embed_dim // num_heads, gpam)
+def build_attention(role: str, gpam: GPAMOptions, embed_dim: int, num_heads: int, layer_index: int = 1, **kwargs):
+    """The attention module of one block: role is enc_self, dec_self or cross; layer_index
+    is the block's layer in its stack, 1-based (diff's lambda_init depends on it)."""
+    mechanism = build_mechanism(gpam.type_for(role), num_heads, embed_dim // num_heads, gpam, layer_index)
     return GPAMMultiheadAttention(embed_dim, num_heads, mechanism, **kwargs)
 
 
@@ -38,8 +39,9 @@ def wrap_layer(layer, cfg):
 
 
 class GPAMTransformerEncoderLayer(TransformerEncoderLayerBase):
-    def __init__(self, cfg, gpam: GPAMOptions, return_fc=False):
+    def __init__(self, cfg, gpam: GPAMOptions, return_fc=False, layer_index: int = 1):
         self.gpam = gpam  # read by build_self_attention inside the base constructor
+        self.layer_index = layer_index
         super().__init__(cfg, return_fc=return_fc)
         # fairseq 0.12.2 only: its "BetterTransformer" fast path would replace our
         # attention by torch._transformer_encoder_layer_fwd at inference. No-op elsewhere.
@@ -51,6 +53,7 @@ class GPAMTransformerEncoderLayer(TransformerEncoderLayerBase):
             self.gpam,
             embed_dim,
             cfg.encoder.attention_heads,
+            layer_index=self.layer_index,
             dropout=cfg.attention_dropout,
             self_attention=True,
             q_noise=self.quant_noise,
@@ -59,8 +62,11 @@ class GPAMTransformerEncoderLayer(TransformerEncoderLayerBase):
 
 
 class GPAMTransformerDecoderLayer(TransformerDecoderLayerBase):
-    def __init__(self, cfg, gpam: GPAMOptions, no_encoder_attn=False, add_bias_kv=False, add_zero_attn=False):
+    def __init__(
+        self, cfg, gpam: GPAMOptions, no_encoder_attn=False, add_bias_kv=False, add_zero_attn=False, layer_index: int = 1
+    ):
         self.gpam = gpam
+        self.layer_index = layer_index
         super().__init__(
             cfg, no_encoder_attn=no_encoder_attn, add_bias_kv=add_bias_kv, add_zero_attn=add_zero_attn
         )
@@ -71,6 +77,7 @@ class GPAMTransformerDecoderLayer(TransformerDecoderLayerBase):
             self.gpam,
             embed_dim,
             cfg.decoder.attention_heads,
+            layer_index=self.layer_index,
             dropout=cfg.attention_dropout,
             add_bias_kv=add_bias_kv,
             add_zero_attn=add_zero_attn,
@@ -85,6 +92,7 @@ class GPAMTransformerDecoderLayer(TransformerDecoderLayerBase):
             self.gpam,
             embed_dim,
             cfg.decoder.attention_heads,
+            layer_index=self.layer_index,
             kdim=cfg.encoder.embed_dim,
             vdim=cfg.encoder.embed_dim,
             dropout=cfg.attention_dropout,
@@ -97,19 +105,27 @@ class GPAMTransformerDecoderLayer(TransformerDecoderLayerBase):
 class GPAMTransformerEncoder(TransformerEncoderBase):
     def __init__(self, cfg, dictionary, embed_tokens, gpam: GPAMOptions, return_fc=False):
         self.gpam = gpam  # read by build_encoder_layer inside the base constructor
+        self.layers_built = 0  # fairseq builds the layers in order, in a list comprehension
         super().__init__(cfg, dictionary, embed_tokens, return_fc=return_fc)
         self.BT_version = False  # fairseq 0.12.2 only, see GPAMTransformerEncoderLayer
 
     def build_encoder_layer(self, cfg):
-        return wrap_layer(GPAMTransformerEncoderLayer(cfg, self.gpam, return_fc=self.return_fc), cfg)
+        self.layers_built += 1
+        layer = GPAMTransformerEncoderLayer(cfg, self.gpam, return_fc=self.return_fc, layer_index=self.layers_built)
+        return wrap_layer(layer, cfg)
 
 
 class GPAMTransformerDecoder(TransformerDecoderBase):
     def __init__(self, cfg, dictionary, embed_tokens, gpam: GPAMOptions, no_encoder_attn=False, output_projection=None):
         self.gpam = gpam
+        self.layers_built = 0  # fairseq builds the layers in order, in a list comprehension
         super().__init__(
             cfg, dictionary, embed_tokens, no_encoder_attn=no_encoder_attn, output_projection=output_projection
         )
 
     def build_decoder_layer(self, cfg, no_encoder_attn=False):
-        return wrap_layer(GPAMTransformerDecoderLayer(cfg, self.gpam, no_encoder_attn=no_encoder_attn), cfg)
+        self.layers_built += 1
+        layer = GPAMTransformerDecoderLayer(
+            cfg, self.gpam, no_encoder_attn=no_encoder_attn, layer_index=self.layers_built
+        )
+        return wrap_layer(layer, cfg)
