@@ -1,0 +1,161 @@
+"""Bad input through fairseq-train's own path: one clear line, from fairseq or from us, never our stack.
+
+* Every GPAM/attention option, given an invalid value on a fairseq-train command line (parsed
+  by fairseq's training parser, task set up on a real data folder, model built), stops with
+  one line that names the flag and the values it allows. Options are listed from
+  ``gpam_fairseq.options``: a new option without a case here fails the coverage test.
+* A data folder without a dictionary, or languages that are not in it, fails with fairseq's
+  own message, and no frame of the traceback is in gpam_fairseq.
+"""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+from fairseq import options as fairseq_options
+from fairseq import tasks
+from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+
+from gpam_fairseq.options import ATTENTION_TYPES, FLAG, LAMBDA_SCOPES, NEG_QUERY_INITS, NEG_QUERY_SHARING, GPAMConfigError
+from helpers import REPO, USER_DIR
+from synthetic_corpus import write_corpus
+
+BIN = os.path.dirname(sys.executable)
+ENV = {k: v for k, v in os.environ.items() if k != "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"}
+ENV["PATH"] = BIN + os.pathsep + ENV.get("PATH", "")
+ENV["OMP_NUM_THREADS"] = "1"
+
+NMT = ["--task", "translation", "--arch", "transformer_gpam_iwslt_de_en", "--encoder-layers", "1", "--decoder-layers", "1",
+       "--encoder-embed-dim", "16", "--decoder-embed-dim", "16", "--encoder-ffn-embed-dim", "16", "--decoder-ffn-embed-dim", "16"]
+LM = ["--task", "language_modeling", "--arch", "transformer_lm_gpam", "--decoder-layers", "1", "--decoder-embed-dim", "16",
+      "--decoder-ffn-embed-dim", "16", "--tokens-per-sample", "16"]
+TRAIN = ["--optimizer", "adam", "--lr", "1e-3", "--max-tokens", "512", "--max-update", "1", "--no-save"]
+
+
+def choices(values):
+    return "(choose from " + ", ".join(repr(v) for v in values) + ")"
+
+
+# (model, flags, the line expected: it names the flag and what is allowed)
+BAD = [
+    ("nmt", ["--attention-type", "linear"], f"argument --attention-type: invalid choice: 'linear' {choices(ATTENTION_TYPES)}"),
+    ("lm", ["--attention-type", "linear"], f"argument --attention-type: invalid choice: 'linear' {choices(ATTENTION_TYPES)}"),
+    ("nmt", ["--gpam-lambda-pos", "-0.5"], "--gpam-lambda-pos: must be a finite number >= 0, got -0.5"),
+    ("nmt", ["--gpam-lambda-pos", "big"], "argument --gpam-lambda-pos: invalid float value: 'big'"),
+    ("lm", ["--gpam-lambda-neg", "nan"], "--gpam-lambda-neg: must be a finite number >= 0, got nan"),
+    ("nmt", ["--gpam-trainable-lambda", "--gpam-lambda-neg", "0"],
+     "--gpam-lambda-neg: must be > 0 with --gpam-trainable-lambda (lambda = softplus(theta) cannot start at 0), got 0.0"),
+    ("nmt", ["--gpam-lambda-scope", "layer"], f"argument --gpam-lambda-scope: invalid choice: 'layer' {choices(LAMBDA_SCOPES)}"),
+    ("nmt", ["--gpam-blocks", "enc_self,decoder"], "--gpam-blocks: unknown block 'decoder'; choose from enc_self, dec_self, cross"),
+    ("lm", ["--gpam-blocks", "dec_self,cross"], "--gpam-blocks: 'cross' does not exist in a language model, which has only dec_self"),
+    ("nmt", ["--gpam-neg-query", "global"], f"argument --gpam-neg-query: invalid choice: 'global' {choices(NEG_QUERY_SHARING)}"),
+    ("lm", ["--gpam-neg-query-init", "zeros"], f"argument --gpam-neg-query-init: invalid choice: 'zeros' {choices(NEG_QUERY_INITS)}"),
+    ("nmt", ["--gpam-stats-interval", "-3"], "--gpam-stats-interval: expected an integer >= 0 (0 = off), got -3"),
+    ("lm", ["--gpam-stats-interval", "often"], "argument --gpam-stats-interval: invalid int value: 'often'"),
+    ("nmt", ["--attention-type", "diff", "--encoder-attention-heads", "1"],
+     "--encoder-attention-heads/--decoder-attention-heads: --attention-type diff pairs heads 2i, 2i+1 into one "
+     "differential head, so the number of heads must be even, got 1"),
+]
+# flags without a value of their own: only their combinations can be wrong (covered above)
+SWITCHES = {"--gpam-trainable-lambda", "--gpam-stats-per-layer"}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad_input")
+    raw = str(root / "raw")
+    write_corpus(raw, n_train=100, n_valid=16, n_test=16, vocab=20, max_len=6)
+    procs = [
+        subprocess.Popen([os.path.join(BIN, "fairseq-preprocess"), "--source-lang", "src", "--target-lang", "tgt",
+                          "--trainpref", f"{raw}/train", "--validpref", f"{raw}/valid", "--destdir", str(root / "nmt"),
+                          "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV, cwd=REPO),
+        subprocess.Popen([os.path.join(BIN, "fairseq-preprocess"), "--only-source", "--trainpref", f"{raw}/train.tgt",
+                          "--validpref", f"{raw}/valid.tgt", "--destdir", str(root / "lm"), "--workers", "1"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV, cwd=REPO),
+    ]
+    assert all(p.wait() == 0 for p in procs)
+    return {"root": root, "nmt": str(root / "nmt"), "lm": str(root / "lm")}
+
+
+def fairseq_train_until_model(argv):
+    """fairseq-train's steps up to the model: its parser, its config, the task on the data, the model."""
+    parser = fairseq_options.get_training_parser()
+    args = fairseq_options.parse_args_and_arch(parser, argv)
+    cfg = convert_namespace_to_omegaconf(args)
+    task = tasks.setup_task(cfg.task)
+    return task.build_model(cfg.model)
+
+
+def test_every_option_has_a_bad_value_case():
+    covered = {flag for _, flags, _ in BAD for flag in flags if flag.startswith("--gpam") or flag == "--attention-type"}
+    missing = set(FLAG.values()) - SWITCHES - covered
+    assert not missing, f"options without a bad-value case: {sorted(missing)}"
+
+
+@pytest.mark.parametrize("model,flags,expected", BAD, ids=[" ".join(b[1]) + f" ({b[0]})" for b in BAD])
+def test_invalid_option_value_one_line_naming_flag_and_allowed_values(data, model, flags, expected, capsys):
+    argv = [data[model], "--user-dir", USER_DIR, *(NMT if model == "nmt" else LM), *TRAIN, *flags]
+    try:
+        fairseq_train_until_model(argv)
+    except SystemExit as exit_:  # argparse: usage, then one error line, exit status 2
+        assert exit_.code == 2
+        line = capsys.readouterr().err.strip().splitlines()[-1]
+        assert line.endswith(expected), line
+        assert ": error: argument " in line
+    except GPAMConfigError as err:
+        message = str(err)
+        assert "\n" not in message
+        assert message == expected
+    else:
+        pytest.fail(f"{' '.join(flags)} was accepted")
+
+
+def cli(*args):
+    return subprocess.Popen([os.path.join(BIN, "fairseq-train"), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=ENV, cwd=REPO)
+
+
+def test_fairseq_train_shows_the_line_last(data):
+    """What a user sees: the run stops, and the last line is the message (no prompt buried in logs)."""
+    proc = cli(data["nmt"], "--user-dir", USER_DIR, *NMT, *TRAIN, "--gpam-lambda-pos", "-0.5")
+    _, err = proc.communicate()
+    assert proc.returncode != 0
+    assert err.strip().splitlines()[-1] == \
+        "gpam_fairseq.options.GPAMConfigError: --gpam-lambda-pos: must be a finite number >= 0, got -0.5"
+
+
+def our_frames(stderr):
+    return [line for line in stderr.splitlines() if re.match(r'\s*File ".*gpam_fairseq[/\\]', line)]
+
+
+def test_bad_data_folders_fail_with_fairseqs_message_not_our_stack(data, tmp_path):
+    no_dict = tmp_path / "no_dict"
+    no_dict.mkdir()
+    for name in os.listdir(data["nmt"]):
+        if name != "dict.tgt.txt":
+            os.symlink(os.path.join(data["nmt"], name), no_dict / name)
+    lm_no_dict = tmp_path / "lm_no_dict"
+    lm_no_dict.mkdir()
+    for name in os.listdir(data["lm"]):
+        if name != "dict.txt":
+            os.symlink(os.path.join(data["lm"], name), lm_no_dict / name)
+    cases = {
+        "missing target dictionary": (
+            [str(no_dict), *NMT], rf"FileNotFoundError: \[Errno 2\] No such file or directory: '{no_dict}/dict.tgt.txt'"),
+        "languages not in the folder": (
+            [data["nmt"], *NMT, "-s", "de", "-t", "en"],
+            rf"FileNotFoundError: \[Errno 2\] No such file or directory: '{data['nmt']}/dict.de.txt'"),
+        "source equals target": (
+            [data["nmt"], *NMT, "-s", "src", "-t", "src"], r"FileNotFoundError: Dataset not found: (train|valid) \("),
+        "language model without dict.txt": (
+            [str(lm_no_dict), *LM], rf"FileNotFoundError: \[Errno 2\] No such file or directory: '{lm_no_dict}/dict.txt'"),
+    }
+    procs = {name: cli(argv[0], "--user-dir", USER_DIR, *argv[1:], *TRAIN) for name, (argv, _) in cases.items()}
+    for name, proc in procs.items():
+        _, err = proc.communicate()
+        assert proc.returncode != 0, name
+        last = err.strip().splitlines()[-1]
+        assert re.search(cases[name][1], last), f"{name}: {last}"
+        assert not our_frames(err), f"{name}: traceback goes through gpam_fairseq:\n" + "\n".join(our_frames(err))

@@ -1,0 +1,210 @@
+"""Half precision on the CPU: fp16 and bf16, as modules cast to the type and under autocast.
+
+Every attention type, in forward and backward, stays finite with very large scores
+(|Q K^T|/sqrt(d_h) around 2e4, near fp16's limit), with fully padded rows (a sentence whose
+keys are all padding) and with long causal sequences (1024 tokens), and matches the fp32
+computation with the same weights to the type's precision where the problem is well
+conditioned. The whole NMT model trains a step under bf16 autocast and in ``model.half()``,
+and fairseq-train runs with ``--memory-efficient-fp16`` (the only fairseq fp16 mode on a
+CPU; ``--fp16`` needs CUDA and ``--bf16`` is broken in fairseq-fixed, ERRATA 20) without its
+loss scale collapsing. The GPU counterparts are in ``scripts/gpu_checks.py``.
+"""
+
+import copy
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from gpam_fairseq.modules.transformer import build_attention
+from gpam_fairseq.options import ATTENTION_TYPES, GPAMOptions
+from helpers import REPO, USER_DIR, build_translation_model
+from demo import log_records
+from synthetic_corpus import write_corpus
+
+E, H = 32, 4
+HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
+# max |out - out_fp32| / max |out_fp32| allowed, where the problem is well conditioned
+REL_TOL = {"fp16": 1e-2, "bf16": 6e-2}
+
+
+def attention(role, attention_type):
+    torch.manual_seed(0)
+    kwargs = dict(encoder_decoder_attention=True) if role == "cross" else dict(self_attention=True)
+    return build_attention(role, GPAMOptions(attention_type=attention_type), E, H, **kwargs).train(False)
+
+
+def future_mask(t):
+    return torch.triu(torch.full((t, t), float("-inf")), 1)
+
+
+def case_inputs(case, module):
+    """(role, kwargs for forward, check against fp32?) of each hard case."""
+    g = torch.Generator().manual_seed(1)
+    if case == "large_scores":
+        x = torch.randn(16, 2, E, generator=g)
+        with torch.no_grad():  # scale W_Q, W_K until the largest score is about 2e4
+            q = module.q_proj(x).view(16, 2, H, -1)
+            k = module.k_proj(x).view(16, 2, H, -1)
+            largest = torch.einsum("tbhd,sbhd->bhts", q, k).abs().max() / math.sqrt(E // H)
+            factor = math.sqrt(2e4 / float(largest))
+            module.q_proj.weight.mul_(factor)
+            module.k_proj.weight.mul_(factor)
+            module.q_proj.bias.mul_(factor)
+            module.k_proj.bias.mul_(factor)
+        return "enc_self", dict(query=x, key=x, value=x), False  # near-one-hot maps: ties flip in half
+    if case == "fully_padded_rows":
+        x = torch.randn(8, 3, E, generator=g)
+        mem = torch.randn(10, 3, E, generator=g)
+        pad = torch.zeros(3, 10, dtype=torch.bool)
+        pad[0] = True  # every key of sentence 0 is padding
+        pad[1, :4] = True
+        return "cross", dict(query=x, key=mem, value=mem, key_padding_mask=pad, static_kv=True), True
+    if case == "long_causal":
+        x = torch.randn(1024, 1, E, generator=g)
+        return "dec_self", dict(query=x, key=x, value=x, attn_mask=future_mask(1024)), True
+    raise ValueError(case)
+
+
+def run(module, inputs, dtype=None, autocast=None):
+    """Output, input gradients and parameter gradients of a forward/backward pass."""
+    def prepare(name, v):
+        if not isinstance(v, torch.Tensor) or not v.is_floating_point():
+            return v  # padding mask, static_kv
+        v = v.detach().to(dtype or v.dtype)
+        return v if name == "attn_mask" else v.requires_grad_()
+
+    inputs = {k: prepare(k, v) for k, v in inputs.items()}
+    module.zero_grad()
+    with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
+        out, _ = module(**inputs, need_weights=False)
+    probe = torch.linspace(-1, 1, out.numel()).view_as(out)
+    (out.float() * probe).sum().backward()
+    input_grads = [v.grad for v in inputs.values() if isinstance(v, torch.Tensor) and v.grad is not None]
+    return out.float(), input_grads, [p.grad for p in module.parameters() if p.requires_grad]
+
+
+CASES = ["large_scores", "fully_padded_rows", "long_causal"]
+# Failures this test found in mechanisms outside issue 6, kept visible (strict: a fix makes the
+# test fail until the entry is removed).
+KNOWN_FAILURES = {
+    ("long_causal", "fp16", "nap"): "nap: fp16 backward on 1024-token causal rows overflows (q_proj.bias gradient inf)",
+}
+
+
+@pytest.mark.parametrize("attention_type", ATTENTION_TYPES)
+@pytest.mark.parametrize("precision", list(HALF))
+@pytest.mark.parametrize("mode", ["module", "autocast"])
+@pytest.mark.parametrize("case", CASES)
+def test_half_precision_forward_backward_finite(case, mode, precision, attention_type):
+    if case == "large_scores" and precision == "fp16" and attention_type == "unnormalized":
+        # its output is the scores times V: scores of 2e4 summed over 16 keys exceed fp16's
+        # range (65504) by construction, whatever the implementation; bf16 is covered
+        pytest.skip("unnormalized attention's output itself overflows fp16 at these scores")
+    known = KNOWN_FAILURES.get((case, precision, attention_type))
+    try:
+        check_half_precision(case, mode, precision, attention_type)
+    except AssertionError as err:
+        if known:
+            pytest.xfail(f"{known}: {str(err).splitlines()[0]}")
+        raise
+    if known:
+        pytest.fail(f"known failure now passes, remove it from KNOWN_FAILURES: {known}")
+
+
+def check_half_precision(case, mode, precision, attention_type):
+    role = {"large_scores": "enc_self", "fully_padded_rows": "cross", "long_causal": "dec_self"}[case]
+    reference = attention(role, attention_type)
+    _, inputs, compare = case_inputs(case, reference)
+    dtype = HALF[precision]
+    half = copy.deepcopy(reference)
+    if mode == "module":
+        half = half.to(dtype)
+        if "attn_mask" in inputs:
+            inputs["attn_mask"] = inputs["attn_mask"].to(dtype)
+        out, input_grads, grads = run(half, inputs, dtype=dtype)
+    else:
+        out, input_grads, grads = run(half, inputs, autocast=dtype)
+    assert torch.isfinite(out).all(), "forward not finite"
+    assert input_grads and all(torch.isfinite(g).all() for g in input_grads), "input gradients not finite"
+    assert all(g is None or torch.isfinite(g).all() for g in grads), "parameter gradients not finite"
+    if case == "fully_padded_rows":
+        # the fully padded sentence gets attention output 0, so the module returns out_proj's bias
+        bias = half.out_proj.bias.float()
+        assert torch.allclose(out[:, 0], bias.expand_as(out[:, 0]), atol=1e-2)
+    if compare:
+        ref_inputs = {k: v for k, v in inputs.items()}
+        if "attn_mask" in ref_inputs:
+            ref_inputs["attn_mask"] = ref_inputs["attn_mask"].float()
+        ref, _, _ = run(reference, ref_inputs)
+        err = float((out - ref).abs().max() / ref.abs().max())
+        assert err <= REL_TOL[precision], f"max relative difference to fp32: {err:.3g}"
+
+
+def small_nmt():
+    torch.manual_seed(0)
+    return build_translation_model(
+        "transformer_gpam_iwslt_de_en",
+        ["--encoder-layers", "1", "--decoder-layers", "2", "--encoder-embed-dim", "32", "--decoder-embed-dim", "32",
+         "--encoder-ffn-embed-dim", "64", "--decoder-ffn-embed-dim", "64", "--gpam-trainable-lambda"], 40, 40)
+
+
+def nmt_batch():
+    g = torch.Generator().manual_seed(3)
+    src = torch.randint(4, 40, (4, 12), generator=g)
+    src[0, :5] = 1  # left padding
+    prev = torch.randint(4, 40, (4, 10), generator=g)
+    prev[:, 0] = 2
+    return dict(src_tokens=src, src_lengths=torch.tensor([7, 12, 12, 12]), prev_output_tokens=prev)
+
+
+@pytest.mark.parametrize("mode", ["bf16_autocast", "fp16_module"])
+def test_whole_model_step_in_half_precision(mode):
+    model = small_nmt().train()
+    batch = nmt_batch()
+    if mode == "fp16_module":
+        model = model.half()
+        thetas = [p for n, p in model.named_parameters() if "lambda" in n and "theta" in n]
+        assert thetas and all(p.dtype == torch.float32 for p in thetas)  # lambdas stay fp32 (ERRATA 5)
+        logits = model(**batch)[0]
+    else:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(**batch)[0]
+    loss = torch.nn.functional.cross_entropy(logits.float().view(-1, logits.size(-1)),
+                                             torch.randint(4, 40, (logits.size(0) * logits.size(1),)))
+    loss.backward()
+    assert torch.isfinite(loss)
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+def test_fairseq_train_memory_efficient_fp16_on_cpu(tmp_path):
+    raw = str(tmp_path / "raw")
+    write_corpus(raw, n_train=600, n_valid=16, n_test=16, vocab=20, max_len=6)
+    data_bin = str(tmp_path / "bin")
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"}
+    env["OMP_NUM_THREADS"] = "1"
+    bindir = os.path.dirname(sys.executable)
+    subprocess.run([os.path.join(bindir, "fairseq-preprocess"), "--source-lang", "src", "--target-lang", "tgt",
+                    "--trainpref", f"{raw}/train", "--validpref", f"{raw}/valid", "--destdir", data_bin,
+                    "--workers", "1"], check=True, capture_output=True, env=env, cwd=REPO)
+    proc = subprocess.run(
+        [os.path.join(bindir, "fairseq-train"), data_bin, "--user-dir", USER_DIR,
+         "--arch", "transformer_gpam_iwslt_de_en", "--encoder-layers", "1", "--decoder-layers", "1",
+         "--encoder-embed-dim", "32", "--decoder-embed-dim", "32", "--encoder-ffn-embed-dim", "32",
+         "--decoder-ffn-embed-dim", "32", "--gpam-trainable-lambda", "--memory-efficient-fp16",
+         "--optimizer", "adam", "--lr", "3e-3", "--max-tokens", "512", "--max-update", "30", "--seed", "1",
+         "--required-batch-size-multiple", "1", "--no-save", "--log-format", "json", "--log-interval", "5"],
+        capture_output=True, text=True, env=env, cwd=REPO)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    stats = log_records(out.splitlines(), "train_inner")
+    assert len(stats) == 6
+    losses = [float(s["loss"]) for s in stats]
+    scales = [float(s["loss_scale"]) for s in stats]
+    print(f"\n--memory-efficient-fp16 on CPU: losses {losses}, loss scales {scales}")
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+    assert min(scales) >= 1.0  # fairseq starts at 128 and halves on overflow; it must not collapse
