@@ -224,6 +224,9 @@ class GPAMMultiheadAttention(MultiheadAttention):
             if self.training or self.dropout_module.apply_during_inference
             else 0.0
         )
+        stats = self.__dict__.get("gpam_stats")  # daGPAM scalars for the logs: attention/stats.py
+        if stats is not None:
+            stats.observe(self, q, k, bias)
         out, weights = self.mechanism(q, k, v, bias, dropout_p, need_weights)
         out = self._unfold_beam(out, kv_bsz, beam, tgt_len)  # (B, H, Tq, d)
         out = out.permute(2, 0, 1, 3).reshape(tgt_len, bsz, self.embed_dim)

@@ -7,11 +7,16 @@ hyperparameters of the stock architecture of the same name, plus the GPAM option
 stock Transformer, computed by the same code, for baselines.
 """
 
+import argparse
+
 from fairseq.dataclass.utils import gen_parser_from_dataclass
 from fairseq.models import register_model, register_model_architecture
 from fairseq.models.transformer import TransformerConfig, TransformerModel
 from fairseq.models.transformer import transformer_legacy as stock
+from omegaconf import OmegaConf
 
+from gpam_fairseq.attention import stats as gpam_stats
+from gpam_fairseq.finetune import add_missing_gpam_parameters
 from gpam_fairseq.modules.transformer import GPAMTransformerDecoder, GPAMTransformerEncoder
 from gpam_fairseq.options import (
     NMT_ROLES,
@@ -35,6 +40,11 @@ class TransformerGPAMModel(TransformerModel):
 
     @classmethod
     def build_model(cls, args, task):
+        if OmegaConf.is_config(args):
+            # fairseq-hydra-train (and checkpoints it wrote) pass a DictConfig, whose GPAM keys
+            # TransformerConfig.from_namespace would drop (vars() of a DictConfig): go on with
+            # a Namespace, exactly as fairseq-train does
+            args = argparse.Namespace(**OmegaConf.to_container(args, resolve=True))
         set_gpam_defaults(args, NMT_ROLES)
         gpam_options_from_args(args, NMT_ROLES)  # fail early, with the flag's name
         for side in ("encoder", "decoder"):
@@ -43,7 +53,13 @@ class TransformerGPAMModel(TransformerModel):
                     f"--{side}-xformers-att-config: not supported by transformer_gpam "
                     "(its attention runs through torch scaled_dot_product_attention); drop the flag"
                 )
-        return super().build_model(args, task)
+        model = super().build_model(args, task)
+        gpam_stats.attach(model, args)  # daGPAM scalars in the logs and tensorboard
+        return model
+
+    def set_num_updates(self, num_updates):
+        super().set_num_updates(num_updates)
+        gpam_stats.set_num_updates(self, num_updates)
 
     @classmethod
     def build_encoder(cls, cfg, src_dict, embed_tokens):
@@ -60,6 +76,11 @@ class TransformerGPAMModel(TransformerModel):
             gpam_options_from_args(cfg, NMT_ROLES),
             no_encoder_attn=cfg.no_cross_attention,
         )
+
+    def upgrade_state_dict_named(self, state_dict, name):
+        """Also loads stock transformer checkpoints: see gpam_fairseq/finetune.py."""
+        super().upgrade_state_dict_named(state_dict, name)
+        add_missing_gpam_parameters(self, state_dict, name)
 
 
 def _gpam_architecture(stock_architecture):

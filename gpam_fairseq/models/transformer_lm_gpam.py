@@ -16,6 +16,8 @@ from fairseq.models.transformer_lm import (
     transformer_lm_baevski_wiki103,
 )
 
+from gpam_fairseq.attention import stats as gpam_stats
+from gpam_fairseq.finetune import add_missing_gpam_parameters
 from gpam_fairseq.modules.transformer import GPAMTransformerDecoder
 from gpam_fairseq.options import LM_ROLES, GPAMConfig, gpam_options_from_args
 
@@ -46,10 +48,62 @@ class TransformerLanguageModelGPAM(TransformerLanguageModel):
             gpam,
             no_encoder_attn=True,
         )
+        gpam_stats.attach(model, args)  # daGPAM scalars in the logs and tensorboard
         return model
+
+    def set_num_updates(self, num_updates):
+        super().set_num_updates(num_updates)
+        gpam_stats.set_num_updates(self, num_updates)
+
+    def upgrade_state_dict_named(self, state_dict, name):
+        """Also loads stock transformer_lm checkpoints: see gpam_fairseq/finetune.py."""
+        super().upgrade_state_dict_named(state_dict, name)
+        add_missing_gpam_parameters(self, state_dict, name)
 
 
 @register_model_architecture("transformer_lm_gpam", "transformer_lm_gpam_wiki103")
 def transformer_lm_gpam_wiki103(args):
     """transformer_lm_wiki103 (adaptive input, 16 layers, Pre-LN) with daGPAM."""
     transformer_lm_baevski_wiki103(args)
+
+
+# The language-model sizes of the recipes in examples/ (issue 3). Each is a stock fairseq
+# architecture with some sizes fixed, so the equally sized stock baseline is that stock
+# architecture with the same size flags (given in each docstring). Like every named fairseq
+# LM architecture they are Pre-LN (base_lm_architecture forces it).
+from fairseq.models.transformer_lm import transformer_lm_big  # noqa: E402
+from fairseq.utils import safe_getattr  # noqa: E402
+
+
+@register_model_architecture("transformer_lm_gpam", "transformer_lm_gpam_wiki103_8layer")
+def transformer_lm_gpam_wiki103_8layer(args):
+    """The paper's 8-layer WikiText-103 model: transformer_lm_wiki103 (adaptive input, d=1024)
+    with 8 layers. Stock baseline: --arch transformer_lm_wiki103 --decoder-layers 8."""
+    args.decoder_layers = safe_getattr(args, "decoder_layers", 8)
+    transformer_lm_gpam_wiki103(args)
+
+
+@register_model_architecture("transformer_lm_gpam", "transformer_lm_gpam_enwik8")
+def transformer_lm_gpam_enwik8(args):
+    """Character (byte) LM for Enwik8: 12 layers, d=512, FFN 2048, 8 heads (Transformer-XL's
+    base size). Stock baseline: --arch transformer_lm_big --decoder-embed-dim 512
+    --decoder-ffn-embed-dim 2048 --decoder-attention-heads 8."""
+    args.decoder_embed_dim = safe_getattr(args, "decoder_embed_dim", 512)
+    args.decoder_ffn_embed_dim = safe_getattr(args, "decoder_ffn_embed_dim", 2048)
+    args.decoder_attention_heads = safe_getattr(args, "decoder_attention_heads", 8)
+    transformer_lm_big(args)
+
+
+@register_model_architecture("transformer_lm_gpam", "transformer_lm_gpam_ptb")
+def transformer_lm_gpam_ptb(args):
+    """Word LM for PTB with the paper's depth of 15 layers: d=384, FFN 1536, 6 heads, dropout
+    0.3, tied input/output embeddings. Stock baseline: --arch transformer_lm_big
+    --decoder-layers 15 --decoder-embed-dim 384 --decoder-ffn-embed-dim 1536
+    --decoder-attention-heads 6 --dropout 0.3 --share-decoder-input-output-embed."""
+    args.decoder_layers = safe_getattr(args, "decoder_layers", 15)
+    args.decoder_embed_dim = safe_getattr(args, "decoder_embed_dim", 384)
+    args.decoder_ffn_embed_dim = safe_getattr(args, "decoder_ffn_embed_dim", 1536)
+    args.decoder_attention_heads = safe_getattr(args, "decoder_attention_heads", 6)
+    args.dropout = safe_getattr(args, "dropout", 0.3)
+    args.share_decoder_input_output_embed = safe_getattr(args, "share_decoder_input_output_embed", True)
+    transformer_lm_big(args)
