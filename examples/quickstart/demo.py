@@ -137,6 +137,22 @@ def score(hyps, refs):
     return {"bleu": b.score, "bleu_signature": str(bleu.get_signature()), "chrf": c.score, "chrf_signature": str(chrf.get_signature())}
 
 
+def write_run_folder(run_dir, system, row, hyps, refs):
+    """The run folder that the recipes' evaluate stage writes (examples/recipe_lib/stages.py), so
+    that scripts/compare_runs.py can compare the demo's two systems too."""
+    os.makedirs(run_dir)
+    for name, lines in (("hyps.txt", hyps), ("refs.txt", refs)):
+        with open(os.path.join(run_dir, name), "w", encoding="utf-8") as f:
+            f.writelines(line + "\n" for line in lines)
+    run = {"recipe": "demo (synthetic toy task)", "task": "translation", "system": f"demo_{system}_seed1",
+           "group": f"demo {system}", "model": system, "attention_type": system, "seed": 1,
+           "params": row["params"], "train_wps": row["wps"], "bleu": row["bleu"], "bleu_signature": row["bleu_signature"],
+           "chrf": row["chrf"], "chrf_signature": row["chrf_signature"], "bleu_lowercase": False, "sentences": len(hyps),
+           "files": {"hyps": "hyps.txt", "refs": "refs.txt", "tensorboard": os.path.join("..", "..", "tensorboard", system)}}
+    with open(os.path.join(run_dir, "run.json"), "w", encoding="utf-8") as f:
+        json.dump(run, f, indent=1)
+
+
 def format_table(rows, baseline_params):
     lines = [
         "| system | attention | BLEU | chrF | parameters | extra vs softmax | train words/s |",
@@ -205,6 +221,7 @@ def main(argv=None):
             f.writelines(h + "\n" for h in hyps)
         rows.append({"system": f"transformer_gpam_iwslt_de_en (shrunk), {system}", "attention": system,
                      **parse_training_log(train_log), **score(hyps, refs)})
+        write_run_folder(os.path.join(out, "runs", system), system, rows[-1], hyps, refs)
 
     table = format_table(rows, rows[0]["params"])
     with open(os.path.join(out, "results.md"), "w", encoding="utf-8") as f:
@@ -220,6 +237,8 @@ def main(argv=None):
     say("train words/s: median of fairseq's logged wps (target tokens per second, validation excluded).")
     say(f"tensorboard logs: {os.path.join(out, 'tensorboard')}  (tensorboard --logdir {os.path.join(out, 'tensorboard')})")
     say(f"logs, checkpoints, hypotheses and results.md: {out}")
+    say(f"run folders for scripts/compare_runs.py: python scripts/compare_runs.py --baseline "
+        f"{os.path.join(out, 'runs', SYSTEMS[0])} {os.path.join(out, 'runs', SYSTEMS[1])}")
     say(f"demo finished in {time.time() - start:.0f} s")
 
 

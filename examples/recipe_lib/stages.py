@@ -1,0 +1,294 @@
+"""The four stages of a recipe; examples/<task>/{prepare,preprocess,train,evaluate}.py call main().
+
+Settings come from environment variables, so that one command line serves every system:
+
+    MODEL=baseline|gpam|<any --attention-type value>   (default gpam)
+    SEED=1   SIZE=<recipe's sizes>   SETUP=<data setup>   DIRECTION=src-tgt   LN=post|pre (NMT)
+    DATA_DIR, SAVE_DIR, RUNS_DIR     where data, checkpoints and run folders go
+    MAX_UPDATE, EXTRA_ARGS           override the update count; extra fairseq-train arguments (last, so they win)
+    EVAL_ARGS                        extra fairseq-generate / fairseq-eval-lm arguments
+    NGPUS, UPDATE_FREQ, FP16=auto|0|1, AVERAGE=N, WORKERS, FORCE=1 (redo a finished stage)
+"""
+
+import argparse
+import glob
+import json
+import os
+import re
+import statistics
+import sys
+
+from common import (REPO, USER_DIR, RecipeError, env, env_args, env_int, fairseq_cli, is_done, log_records,
+                    mark_done, read_generate_output, run_cli, say, training_progress)
+from recipes import RECIPES, prepare_for
+
+ENV_HELP = __doc__.split("\n\n", 1)[1]
+
+
+class Settings:
+    """Every path and choice of one invocation, from the environment (see ENV_HELP)."""
+
+    def __init__(self, recipe):
+        self.recipe = recipe
+        r = recipe
+        self.setup = self._choice("SETUP", r.setups) if r.setups else None
+        self.size_name = self._choice("SIZE", tuple(r.sizes), default=r.default_size)
+        self.size = r.sizes[self.size_name]
+        self.direction = self._choice("DIRECTION", r.directions) if r.directions else None
+        self.ln = self._choice("LN", ("post", "pre")) if r.task == "translation" else None
+        self.model = env("MODEL", "gpam")
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.model):
+            raise RecipeError(f"MODEL={self.model!r}: use baseline, gpam or an --attention-type value")
+        self.seed = env_int("SEED", 1)
+        sub = [r.name] + ([self.setup] if self.setup else [])
+        self.data_dir = os.path.abspath(env("DATA_DIR", os.path.join(REPO, "data", *sub)))
+        self.prepared = os.path.join(self.data_dir, "prepared")
+        self.data_bin = os.path.join(self.data_dir, "data-bin")
+        parts = [self.model, self.size_name] + ([self.direction] if len(r.directions) > 1 else [])
+        parts += [f"{self.ln}ln"] if self.ln else []
+        self.run_name = env("RUN_NAME", "_".join(parts + [f"seed{self.seed}"]))
+        self.save_dir = os.path.join(os.path.abspath(env("SAVE_DIR", os.path.join(REPO, "checkpoints", *sub))), self.run_name)
+        self.run_dir = os.path.join(os.path.abspath(env("RUNS_DIR", os.path.join(REPO, "runs", *sub))), self.run_name)
+
+    @staticmethod
+    def _choice(name, allowed, default=None):
+        value = env(name, default or allowed[0])
+        if value not in allowed:
+            raise RecipeError(f"{name}={value!r}: choose from {', '.join(allowed)}")
+        return value
+
+    @property
+    def attention_type(self):
+        return "softmax" if self.model == "baseline" else ("dagpam" if self.model == "gpam" else self.model)
+
+    def model_args(self):
+        if self.model == "baseline":
+            return list(self.size.baseline)  # the stock fairseq architecture
+        return [*self.size.gpam, "--attention-type", self.attention_type]
+
+    def lang_args(self):
+        if not self.direction:
+            return []
+        src, tgt = self.direction.split("-")
+        return ["--source-lang", src, "--target-lang", tgt]
+
+
+def _gpus():
+    n = env_int("NGPUS", None)
+    if n is None:
+        import torch
+
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return n
+
+
+# --- stages -----------------------------------------------------------------------------------
+
+def stage_prepare(s, argv):
+    p = argparse.ArgumentParser(prog=f"{s.recipe.name}/prepare.py", description="download and tokenise the data")
+    p.add_argument("--archive", action="append", default=[], metavar="PATH",
+                   help="an already-downloaded source archive (repeat for several); used instead of downloading")
+    p.add_argument("--raw-dir", metavar="DIR", help="a folder holding the downloaded source files under their usual names")
+    args = p.parse_args(argv)
+    if is_done(s.prepared, "prepare"):
+        say(f"[prepare] already done: {s.prepared} (FORCE=1 redoes it)")
+        return
+    from recipe_data import Sources
+
+    say(f"[prepare] {s.recipe.name}{' (' + s.setup + ')' if s.setup else ''} -> {s.prepared}")
+    sources = Sources(os.path.join(s.data_dir, "orig"), args.archive, args.raw_dir)
+    prepare_for(s.recipe, s.setup)(s.data_dir, sources)
+    mark_done(s.prepared, "prepare")
+    say(f"[prepare] done: {s.prepared}")
+
+
+def stage_preprocess(s, argv):
+    argparse.ArgumentParser(prog=f"{s.recipe.name}/preprocess.py", description="fairseq-preprocess").parse_args(argv)
+    if is_done(s.data_bin, "preprocess"):
+        say(f"[preprocess] already done: {s.data_bin}")
+        return
+    if not is_done(s.prepared, "prepare"):
+        raise RecipeError(f"{s.prepared} is not prepared: run {s.recipe.name}/prepare.py first (same DATA_DIR/SETUP)")
+    say(f"[preprocess] fairseq-preprocess -> {s.data_bin}")
+    run_cli("fairseq-preprocess",
+            [fairseq_cli("fairseq-preprocess"), *s.recipe.preprocess(s.prepared, s.setup), "--destdir", s.data_bin,
+             "--workers", str(max(1, env_int("WORKERS", os.cpu_count() or 1)))],
+            os.path.join(s.data_dir, "preprocess.log"))
+    mark_done(s.data_bin, "preprocess")
+    say(f"[preprocess] done: {s.data_bin}")
+
+
+def train_command(s):
+    size = s.size
+    gpus = _gpus()
+    update_freq = env_int("UPDATE_FREQ", max(1, size.gpu_steps // max(gpus, 1)))
+    cmd = [fairseq_cli("fairseq-train"), s.data_bin, "--user-dir", USER_DIR, "--task", s.recipe.task,
+           *s.lang_args(), *s.model_args(), *size.train]
+    if s.ln == "pre":
+        cmd += ["--encoder-normalize-before", "--decoder-normalize-before"]
+    fp16 = env("FP16", "auto")
+    if fp16 == "1" or (fp16 == "auto" and gpus > 0):
+        cmd += ["--fp16"]
+    cmd += ["--update-freq", str(update_freq), "--seed", str(s.seed), "--max-update", str(env_int("MAX_UPDATE", size.max_update)),
+            "--save-dir", s.save_dir, "--tensorboard-logdir", os.path.join(s.run_dir, "tensorboard"),
+            "--log-format", "json", "--log-interval", "100", *env_args("EXTRA_ARGS")]
+    return cmd, gpus, update_freq
+
+
+def stage_train(s, argv):
+    argparse.ArgumentParser(prog=f"{s.recipe.name}/train.py", description="fairseq-train one system").parse_args(argv)
+    if is_done(s.run_dir, "train"):
+        say(f"[train] already done: {s.run_dir} (FORCE=1 trains again, resuming from checkpoint_last.pt)")
+        return
+    if not is_done(s.data_bin, "preprocess"):
+        raise RecipeError(f"{s.data_bin} is not binarised: run {s.recipe.name}/preprocess.py first")
+    cmd, gpus, update_freq = train_command(s)
+    say(f"[train] {s.run_name}: MODEL={s.model} (attention {s.attention_type}), size {s.size_name}, seed {s.seed}")
+    say(f"  effective batch: {s.size.gpu_steps} GPU-steps per update in the official recipe; {max(gpus, 1)} "
+        f"{'GPU' if gpus else 'CPU process'}(s) x --update-freq {update_freq} = {max(gpus, 1) * update_freq}")
+    os.makedirs(s.run_dir, exist_ok=True)
+    log = os.path.join(s.run_dir, "train.log")
+    if os.path.exists(log):  # a resumed run: keep the earlier log, fairseq resumes from checkpoint_last.pt
+        os.replace(log, os.path.join(s.run_dir, f"train.{len(glob.glob(os.path.join(s.run_dir, 'train.*.log')))}.log"))
+    run_cli("fairseq-train", cmd, log, echo=training_progress(s.run_name))
+    mark_done(s.run_dir, "train", {"command": cmd[1:]})
+    say(f"[train] done: checkpoints in {s.save_dir}, logs and tensorboard in {s.run_dir}")
+
+
+def training_figures(run_dir):
+    """Parameters (fairseq's count) and median training words/s from the train logs."""
+    texts = []
+    for path in sorted(glob.glob(os.path.join(run_dir, "train*.log"))):
+        with open(path, encoding="utf-8") as f:
+            texts.append(f.read())
+    text = "\n".join(texts)
+    params = re.findall(r"num\. (?:shared )?model params: ([\d,]+)", text)
+    lines = text.splitlines()
+    wps = [float(r["wps"]) for r in log_records(lines, "train_inner")] or [
+        float(r["train_wps"]) for r in log_records(lines, "train")]
+    updates = [int(r["num_updates"]) for r in log_records(lines, "train_inner")] + [
+        int(r["train_num_updates"]) for r in log_records(lines, "train")]
+    return {"params": int(params[-1].replace(",", "")) if params else None,
+            "train_wps": statistics.median(wps) if wps else None,
+            "num_updates": max(updates) if updates else None}
+
+
+def _checkpoint(s):
+    n = env_int("AVERAGE", s.recipe.average_checkpoints)
+    best = os.path.join(s.save_dir, "checkpoint_best.pt")
+    if n <= 1:
+        return best, "checkpoint_best.pt"
+    epochs = glob.glob(os.path.join(s.save_dir, "checkpoint[0-9]*.pt"))
+    if len(epochs) < 2:
+        say(f"  AVERAGE={n}, but {s.save_dir} holds {len(epochs)} epoch checkpoint(s): using checkpoint_best.pt")
+        return best, "checkpoint_best.pt"
+    n = min(n, len(epochs))
+    out = os.path.join(s.save_dir, f"checkpoint.avg{n}.pt")
+    sys.path.insert(0, os.path.join(REPO, "scripts"))
+    import average_checkpoints
+
+    average_checkpoints.main(["--inputs", s.save_dir, "--num-epoch-checkpoints", str(n), "--output", out])
+    return out, f"average of the last {n} epoch checkpoints"
+
+
+def compound_split(line):
+    """scaling_nmt's compound_split_bleu.sh: a-b -> a ##AT##-##AT## b."""
+    return re.sub(r"(\S)-(\S)", r"\1 ##AT##-##AT## \2", line)
+
+
+def evaluate_translation(s, ckpt, result):
+    from sacrebleu.metrics import BLEU, CHRF
+
+    import text
+
+    log = run_cli("fairseq-generate",
+                  [fairseq_cli("fairseq-generate"), s.data_bin, "--user-dir", USER_DIR, "--task", "translation",
+                   *s.lang_args(), "--path", ckpt, "--gen-subset", "test", *s.recipe.generate_args,
+                   "--required-batch-size-multiple", "1", *env_args("EVAL_ARGS")],
+                  os.path.join(s.run_dir, "generate.log"))
+    hyps_tok, refs_tok = read_generate_output(log)
+    tgt = s.direction.split("-")[1]
+    hyps = text.moses_detokenize(hyps_tok, tgt)
+    raw_ref = os.path.join(s.prepared, f"test.raw.{tgt}")
+    refs = None
+    if os.path.exists(raw_ref):
+        with open(raw_ref, encoding="utf-8") as f:
+            refs = [line.rstrip("\n") for line in f]
+        if len(refs) != len(hyps):
+            say(f"  {raw_ref} has {len(refs)} lines for {len(hyps)} hypotheses: scoring detokenised references instead")
+            refs = None
+    result["references"] = "untokenised test set" if refs else "detokenised fairseq references"
+    refs = refs or text.moses_detokenize(refs_tok, tgt)
+    lc = s.recipe.bleu_lowercase
+    bleu, chrf = BLEU(lowercase=lc), CHRF(lowercase=lc)
+    result.update(bleu=bleu.corpus_score(hyps, [refs]).score, bleu_signature=str(bleu.get_signature()),
+                  chrf=chrf.corpus_score(hyps, [refs]).score, chrf_signature=str(chrf.get_signature()),
+                  bleu_lowercase=lc, sentences=len(hyps))
+    m = re.search(r"BLEU4? = ([\d.]+)", log)
+    result["bleu_tokenized"] = float(m.group(1)) if m else None  # fairseq-generate's own score
+    if s.recipe.compound_split_bleu:
+        plain = BLEU(tokenize="none", smooth_method="none", force=True)
+        result["bleu_compound_split"] = plain.corpus_score([compound_split(h) for h in hyps_tok],
+                                                           [[compound_split(r) for r in refs_tok]]).score
+    for name, lines in (("hyps.txt", hyps), ("refs.txt", refs), ("hyps.tok.txt", hyps_tok)):
+        with open(os.path.join(s.run_dir, name), "w", encoding="utf-8") as f:
+            f.writelines(line + "\n" for line in lines)
+    result["files"] = {"hyps": "hyps.txt", "refs": "refs.txt"}
+
+
+def evaluate_language_model(s, ckpt, result):
+    log = run_cli("fairseq-eval-lm",
+                  [fairseq_cli("fairseq-eval-lm"), s.data_bin, "--user-dir", USER_DIR, "--path", ckpt,
+                   "--gen-subset", "test", *s.size.eval_args, *env_args("EVAL_ARGS")],
+                  os.path.join(s.run_dir, "eval_lm.log"))
+    m = re.search(r"Loss \(base 2\): ([\d.]+), Perplexity: ([\d.]+)", log)
+    if not m:
+        raise RecipeError(f"no 'Loss (base 2): ..., Perplexity: ...' line in {os.path.join(s.run_dir, 'eval_lm.log')}")
+    result.update(loss_base2=float(m.group(1)), perplexity=float(m.group(2)))
+    if s.recipe.bits_per_char:  # one token per byte, eos = newline: base-2 loss = bits per character
+        result["bpc"] = float(m.group(1))
+
+
+def stage_evaluate(s, argv):
+    argparse.ArgumentParser(prog=f"{s.recipe.name}/evaluate.py", description="score the test set").parse_args(argv)
+    if is_done(s.run_dir, "evaluate"):
+        say(f"[evaluate] already done: {os.path.join(s.run_dir, 'run.json')}")
+        return
+    if not is_done(s.run_dir, "train"):
+        raise RecipeError(f"{s.run_name} is not trained: run {s.recipe.name}/train.py first (same MODEL/SEED/SIZE)")
+    ckpt, ckpt_desc = _checkpoint(s)
+    say(f"[evaluate] {s.run_name}: {ckpt_desc}")
+    with open(os.path.join(s.run_dir, ".train.done"), encoding="utf-8") as f:
+        train_info = json.load(f)
+    result = {"recipe": s.recipe.name, "task": s.recipe.task, "system": s.run_name,
+              "group": re.sub(r"_seed\d+$", "", s.run_name), "model": s.model,
+              "attention_type": s.attention_type, "size": s.size_name, "seed": s.seed, "setup": s.setup,
+              "direction": s.direction, "layer_norm": s.ln, "checkpoint": ckpt_desc,
+              "train_command": train_info.get("command"), **training_figures(s.run_dir)}
+    if s.recipe.task == "translation":
+        evaluate_translation(s, ckpt, result)
+    else:
+        evaluate_language_model(s, ckpt, result)
+    with open(os.path.join(s.run_dir, "run.json"), "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=1)
+    mark_done(s.run_dir, "evaluate")
+    shown = {k: result.get(k) for k in ("bleu", "chrf", "bleu_tokenized", "bleu_compound_split", "perplexity", "bpc")
+             if result.get(k) is not None}
+    say(f"[evaluate] {s.run_name}: " + ", ".join(f"{k} {v:.2f}" for k, v in shown.items()))
+    if "bleu_signature" in result:
+        say(f"  sacreBLEU signature: {result['bleu_signature']}")
+    say(f"  run folder: {s.run_dir}  (compare: python scripts/compare_runs.py --baseline RUN_DIR RUN_DIR ...)")
+
+
+def main(recipe_name, stage, argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        say(f"{recipe_name} stage '{stage}'. Settings come from the environment:\n{ENV_HELP}")
+        say(f"sizes: {', '.join(RECIPES[recipe_name].sizes)}" + (
+            f"; setups: {', '.join(RECIPES[recipe_name].setups)}" if RECIPES[recipe_name].setups else ""))
+    try:
+        settings = Settings(RECIPES[recipe_name])
+        {"prepare": stage_prepare, "preprocess": stage_preprocess, "train": stage_train,
+         "evaluate": stage_evaluate}[stage](settings, argv)
+    except RecipeError as e:
+        sys.exit(f"{recipe_name}/{stage}: {e}")
