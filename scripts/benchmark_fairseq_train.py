@@ -1,0 +1,212 @@
+#!/usr/bin/env python
+"""Words/s of real ``fairseq-train`` runs: each stock architecture against its daGPAM twin.
+
+Issue 5's training target is the throughput that ``fairseq-train`` itself logs, at identical
+settings, so this script runs exactly that: it writes a synthetic corpus (random tokens,
+Zipf-distributed, the recipes' vocabulary sizes), binarises it once with ``fairseq-preprocess``
+and then, for each pair, runs ``fairseq-train`` with the stock ``--arch`` and with ours, rounds
+interleaved (stock, ours, stock, ours, ...), the same flags, seed and data. The figure per run
+is the median ``wps`` of its ``train_inner`` log records after the first ``--skip`` records
+(start-up, cuDNN autotuning and allocator warm-up), and the ratio is ours / stock.
+
+    python scripts/benchmark_fairseq_train.py --pairs iwslt,lm512 --precision fp16   # a GPU
+    python scripts/benchmark_fairseq_train.py --quick                                # CPU smoke run
+
+Pairs: ``iwslt`` (transformer_iwslt_de_en / transformer_gpam_iwslt_de_en, --max-tokens 4096),
+``wmt_big`` (transformer_vaswani_wmt_en_de_big / transformer_gpam_vaswani_wmt_en_de_big,
+--max-tokens 3584), ``lm512`` (transformer_lm / transformer_lm_gpam, --tokens-per-sample 512,
+--max-tokens 4096). Writes ``fairseq_train.csv`` and ``fairseq_train.md`` into ``--out-dir``
+and keeps every run's log there.
+"""
+
+import argparse
+import csv
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+USER_DIR = os.path.join(REPO, "gpam_fairseq")
+
+NMT_FLAGS = ["--share-decoder-input-output-embed", "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)",
+             "--clip-norm", "0.0", "--lr", "5e-4", "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "4000",
+             "--dropout", "0.3", "--weight-decay", "0.0001", "--criterion", "label_smoothed_cross_entropy",
+             "--label-smoothing", "0.1"]
+LM_FLAGS = ["--task", "language_modeling", "--share-decoder-input-output-embed", "--dropout", "0.1",
+            "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--weight-decay", "0.01", "--clip-norm", "0.0",
+            "--lr", "5e-4", "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "4000",
+            "--sample-break-mode", "none", "--criterion", "cross_entropy"]
+# name: (stock arch, our arch, task flags, batch flags, vocabulary size)
+PAIRS = {
+    "iwslt": ("transformer_iwslt_de_en", "transformer_gpam_iwslt_de_en", NMT_FLAGS, ["--max-tokens", "4096"], 8848),
+    "wmt_big": ("transformer_vaswani_wmt_en_de_big", "transformer_gpam_vaswani_wmt_en_de_big", NMT_FLAGS,
+                ["--max-tokens", "3584"], 32768),
+    "lm512": ("transformer_lm", "transformer_lm_gpam", LM_FLAGS,
+              ["--tokens-per-sample", "512", "--max-tokens", "4096"], 32768),
+}
+TINY_NMT = ["--encoder-layers", "1", "--decoder-layers", "1", "--encoder-embed-dim", "32", "--decoder-embed-dim",
+            "32", "--encoder-ffn-embed-dim", "64", "--decoder-ffn-embed-dim", "64", "--encoder-attention-heads",
+            "2", "--decoder-attention-heads", "2"]
+TINY_LM = ["--decoder-layers", "1", "--decoder-embed-dim", "32", "--decoder-ffn-embed-dim", "64",
+           "--decoder-attention-heads", "2"]
+FIELDS = ("pair", "precision", "round", "arch", "updates", "median_wps", "ratio_to_stock", "wall_s")
+
+
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def write_corpus(folder, sentences, vocab, seed):
+    """Random sentences over a Zipf-like vocabulary, 8-40 tokens, train/valid of both languages."""
+    rng = np.random.default_rng(seed)
+    words = np.array([f"w{i}" for i in range(vocab)])
+    probs = 1.0 / np.arange(1, vocab + 1)
+    probs /= probs.sum()
+    os.makedirs(folder, exist_ok=True)
+    for split, n in (("train", sentences), ("valid", max(10, sentences // 100))):
+        for lang in ("src", "tgt"):
+            lengths = rng.integers(8, 41, size=n)
+            tokens = rng.choice(vocab, size=int(lengths.sum()), p=probs)
+            with open(os.path.join(folder, f"{split}.{lang}"), "w") as f:
+                start = 0
+                for length in lengths:
+                    f.write(" ".join(words[tokens[start:start + length]]) + "\n")
+                    start += length
+
+
+def run_logged(cmd, log_path):
+    start = time.time()
+    with open(log_path, "w") as out:
+        code = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO).returncode
+    with open(log_path) as f:
+        text = f.read()
+    if code != 0:
+        tail = "\n".join(text.splitlines()[-15:])
+        raise SystemExit(f"error: {' '.join(cmd[:4])} ... failed (exit {code}); log {log_path}:\n{tail}")
+    return text, time.time() - start
+
+
+def preprocess(work, vocab, sentences, workers):
+    """One binarised folder per task: translation src->tgt, and LM on the target side."""
+    raw, nmt_bin, lm_bin = (os.path.join(work, d) for d in ("raw", "nmt-bin", "lm-bin"))
+    if not os.path.exists(os.path.join(raw, "valid.tgt")):
+        log(f"writing a synthetic corpus: {sentences} sentence pairs, vocabulary {vocab}")
+        write_corpus(raw, sentences, vocab, seed=1)
+    base = [sys.executable, "-m", "fairseq_cli.preprocess", "--workers", str(workers)]
+    if not os.path.exists(os.path.join(nmt_bin, "dict.tgt.txt")):
+        run_logged(base + ["--source-lang", "src", "--target-lang", "tgt", "--joined-dictionary",
+                           "--trainpref", f"{raw}/train", "--validpref", f"{raw}/valid", "--destdir", nmt_bin],
+                   os.path.join(work, "preprocess-nmt.log"))
+    if not os.path.exists(os.path.join(lm_bin, "dict.txt")):
+        run_logged(base + ["--only-source", "--trainpref", f"{raw}/train.tgt", "--validpref", f"{raw}/valid.tgt",
+                           "--destdir", lm_bin], os.path.join(work, "preprocess-lm.log"))
+    return nmt_bin, lm_bin
+
+
+def median_wps(text, skip):
+    marker = "| train_inner | "
+    records = [json.loads(line.split(marker, 1)[1]) for line in text.splitlines() if marker in line]
+    values = [float(r["wps"]) for r in records[skip:]] or [float(r["wps"]) for r in records]
+    if not values:
+        raise SystemExit("error: fairseq-train logged no train_inner record; raise --updates or lower --log-interval")
+    return statistics.median(values), int(records[-1]["num_updates"])
+
+
+def train_command(data, arch, task_flags, batch_flags, args, extra):
+    precision = {"fp32": [], "fp16": ["--fp16"], "memory-efficient-fp16": ["--memory-efficient-fp16"]}[args.precision]
+    cpu = ["--cpu"] if args.device == "cpu" else []
+    return ([sys.executable, "-m", "fairseq_cli.train", data, "--user-dir", USER_DIR, "--arch", arch]
+            + task_flags + batch_flags + precision + cpu + list(extra)
+            + ["--max-update", str(args.updates), "--max-epoch", "1000", "--disable-validation", "--no-save",
+               "--log-format", "json", "--log-interval", str(args.log_interval), "--seed", "1",
+               "--num-workers", "0", "--required-batch-size-multiple", "8" if args.device == "cuda" else "1"])
+
+
+def markdown(rows, args):
+    lines = [f"`fairseq-train` words/s, {args.device}, {args.precision}, {args.updates} updates a run, median of "
+             f"the train_inner records after the first {args.skip}; {args.rounds} interleaved round(s).", "",
+             "| pair | round | stock arch | stock wps | daGPAM arch | daGPAM wps | daGPAM / stock |",
+             "| --- | ---: | --- | ---: | --- | ---: | ---: |"]
+    for i in range(0, len(rows), 2):
+        stock, ours = rows[i], rows[i + 1]
+        lines.append(f"| {stock['pair']} | {stock['round']} | {stock['arch']} | {stock['median_wps']:,.0f} | "
+                     f"{ours['arch']} | {ours['median_wps']:,.0f} | {ours['ratio_to_stock']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--pairs", default="iwslt,wmt_big,lm512", help="comma list of " + ",".join(PAIRS))
+    p.add_argument("--precision", default=None, choices=["fp32", "fp16", "memory-efficient-fp16"],
+                   help="fairseq's precision flag (default fp16 on cuda, fp32 on cpu); fairseq-fixed's --bf16 is "
+                        "broken (README, Precision)")
+    p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda if available")
+    p.add_argument("--updates", type=int, default=300, help="--max-update of every run (default 300)")
+    p.add_argument("--log-interval", type=int, default=20)
+    p.add_argument("--skip", type=int, default=3, help="train_inner records dropped as warm-up (default 3)")
+    p.add_argument("--rounds", type=int, default=1, help="interleaved stock/daGPAM rounds per pair (default 1)")
+    p.add_argument("--sentences", type=int, default=60000, help="synthetic training sentence pairs")
+    p.add_argument("--workers", type=int, default=4, help="fairseq-preprocess --workers")
+    p.add_argument("--work-dir", default=os.path.join(REPO, "runs", "benchmark", "fairseq_train_data"))
+    p.add_argument("--out-dir", default=os.path.join(REPO, "runs", "benchmark", "fairseq_train"))
+    p.add_argument("--quick", action="store_true", help="tiny models on the CPU, a smoke run for the tests")
+    args = p.parse_args(argv)
+    import torch
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is visible")
+    if args.precision is None:
+        args.precision = "fp16" if args.device == "cuda" else "fp32"
+    if args.precision == "fp16" and args.device == "cpu":
+        p.error("--precision fp16 needs CUDA (fairseq's --fp16); on a CPU use fp32 or memory-efficient-fp16")
+    unknown = [name for name in args.pairs.split(",") if name not in PAIRS]
+    if unknown:
+        p.error(f"--pairs: unknown {unknown}; choose from {', '.join(PAIRS)}")
+    if args.quick:
+        args.updates, args.log_interval, args.skip, args.sentences = 6, 2, 1, 400
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    os.makedirs(args.out_dir, exist_ok=True)
+    pairs = args.pairs.split(",")
+    vocab = max(PAIRS[name][4] for name in pairs) if not args.quick else 200
+    nmt_bin, lm_bin = preprocess(args.work_dir, vocab, args.sentences, args.workers)
+    rows = []
+    for name in pairs:
+        stock_arch, our_arch, task_flags, batch_flags, _ = PAIRS[name]
+        lm = name.startswith("lm")
+        extra = (TINY_LM if lm else TINY_NMT) if args.quick else []
+        if args.quick:
+            batch_flags = ["--tokens-per-sample", "32", "--max-tokens", "256"] if lm else ["--max-tokens", "256"]
+        for round_ in range(1, args.rounds + 1):
+            stock_wps = None
+            for arch in (stock_arch, our_arch):
+                log(f"[{name} round {round_}] fairseq-train --arch {arch} ({args.updates} updates, {args.precision})")
+                cmd = train_command(lm_bin if lm else nmt_bin, arch, task_flags, batch_flags, args, extra)
+                text, wall = run_logged(cmd, os.path.join(args.out_dir, f"{name}-{arch}-round{round_}.log"))
+                wps, updates = median_wps(text, args.skip)
+                stock_wps = wps if stock_wps is None else stock_wps
+                rows.append(dict(pair=name, precision=args.precision, round=round_, arch=arch, updates=updates,
+                                 median_wps=wps, ratio_to_stock=wps / stock_wps, wall_s=round(wall, 1)))
+                log(f"    median wps {wps:,.0f}  (x stock {wps / stock_wps:.3f}, {wall:.0f} s)")
+    with open(os.path.join(args.out_dir, "fairseq_train.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    table = markdown(rows, args)
+    with open(os.path.join(args.out_dir, "fairseq_train.md"), "w") as f:
+        f.write(table)
+    print(table)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
