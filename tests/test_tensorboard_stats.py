@@ -158,3 +158,26 @@ def test_language_model_and_labels():
 def test_bad_interval_names_the_flag():
     with pytest.raises(GPAMConfigError, match="--gpam-stats-interval: expected an integer >= 0"):
         nmt(["--gpam-stats-interval", "-1"])
+
+
+def test_row_sum_ignores_fully_masked_rows_and_is_nan_without_any_key():
+    """The scalars of one module on a hand-made batch: the mean row sum counts only rows with an
+    unmasked key (computed without boolean indexing, i.e. without a host sync on GPUs)."""
+    from gpam_fairseq.attention import functional
+    from gpam_fairseq.attention.mechanisms import build_mechanism
+    from gpam_fairseq.attention.stats import AttentionStats
+    from gpam_fairseq.options import GPAMOptions
+
+    mechanism = build_mechanism("dagpam", 2, 4, GPAMOptions(lambda_pos=0.3, lambda_neg=0.1))
+    gen = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 2, 5, 4, generator=gen), torch.randn(1, 2, 6, 4, generator=gen)
+    bias = torch.zeros(1, 1, 5, 6)
+    bias[..., 1, :] = float("-inf")  # query row 1 sees no key
+    bias[..., 3:, 4:] = float("-inf")  # some padding
+    names, values = AttentionStats.compute(mechanism, q, k, bias)
+    stats = dict(zip(names, values.tolist()))
+    assert stats["row_sum"] == pytest.approx(1.3 - 0.1, abs=1e-6)
+    p_g = functional.dagpam_weights(q, k, mechanism.w_q_neg, 0.3, 0.1, bias)[0]
+    assert stats["neg_share"] == pytest.approx(((-p_g).clamp(min=0).sum() / p_g.abs().sum()).item(), rel=1e-5)
+    names, values = AttentionStats.compute(mechanism, q, k, torch.full((1, 1, 5, 6), float("-inf")))
+    assert torch.isnan(values[names.index("row_sum")])

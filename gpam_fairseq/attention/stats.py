@@ -96,8 +96,9 @@ class AttentionStats:
                 bias = bias[..., rows, :]
         lambda_pos, lambda_neg = mechanism.lambdas()
         p_g, p_pos, _ = functional.dagpam_weights(q, k, mechanism.w_q_neg.float(), lambda_pos, lambda_neg, bias)
-        has_key = p_pos.sum(-1) > 0.5  # fully masked rows are all zeros
-        row_sum = p_g.sum(-1)[has_key].mean() if bool(has_key.any()) else p_g.new_tensor(float("nan"))
+        has_key = (p_pos.sum(-1) > 0.5).to(p_g.dtype)  # fully masked rows are all zeros
+        # mean over the rows with a key, without boolean indexing (a host sync on GPUs); 0/0 = nan
+        row_sum = (p_g.sum(-1) * has_key).sum() / has_key.sum()
         neg_share = (-p_g).clamp(min=0).sum() / p_g.abs().sum().clamp(min=1e-12)
         names, values = ["neg_share", "row_sum"], [neg_share, row_sum]
         if isinstance(lambda_pos, Tensor):  # trainable
