@@ -5,8 +5,8 @@ the attention weights). It owns only what is specific to it (W_Q- and the lambda
 daGPAM); projections, masks and caches live in :mod:`gpam_fairseq.attention.multihead`.
 The math itself is in :mod:`gpam_fairseq.attention.functional`.
 
-Adding a mechanism: one function in functional.py, one class here, one entry in
-``MECHANISMS``, and its tests.
+Adding a mechanism: one function in functional.py, one :class:`Mechanism` subclass here, one
+entry in ``MECHANISMS``, and its tests.
 """
 
 import math
@@ -20,26 +20,36 @@ from gpam_fairseq.attention import functional
 from gpam_fairseq.options import GPAMConfigError, GPAMOptions
 
 
-class SoftmaxMechanism(nn.Module):
+class Mechanism(nn.Module):
+    """What every mechanism shares: the constructor's arguments (each mechanism reads the ones
+    it needs: diff its ``layer_index``, daGPAM its ``options``) and the plain per-head scores
+    Q K^T / sqrt(d_h) + M returned for ``before_softmax``."""
+
+    name = ""
+
+    def __init__(
+        self, num_heads: int = 0, head_dim: int = 0, options: Optional[GPAMOptions] = None, layer_index: int = 1
+    ):
+        super().__init__()
+
+    def scores(self, q: Tensor, k: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+        return functional.attention_scores(q, k, bias)
+
+
+class SoftmaxMechanism(Mechanism):
     """Conventional scaled dot-product attention, softmax(Q K^T / sqrt(d_h) + M) V."""
 
     name = "softmax"
 
-    def __init__(self, num_heads: int, head_dim: int, options: Optional[GPAMOptions] = None):
-        super().__init__()
-
     def forward(self, q, k, v, bias=None, dropout_p: float = 0.0, need_weights: bool = False):
         return functional.softmax_attention(q, k, v, bias, dropout_p, need_weights)
-
-    def scores(self, q: Tensor, k: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-        return functional.attention_scores(q, k, bias)
 
 
 def _inverse_softplus(y: float) -> float:
     return y + math.log(-math.expm1(-y))
 
 
-class DaGPAMMechanism(nn.Module):
+class DaGPAMMechanism(Mechanism):
     """Dual-attention GPAM: (1 + lambda+) softmax(Q+ K^T) - lambda- softmax(Q- K^T), times V.
 
     Parameters: ``w_q_neg`` (d_h x d_h, or one per head) and, with trainable lambdas,
@@ -50,7 +60,7 @@ class DaGPAMMechanism(nn.Module):
 
     name = "dagpam"
 
-    def __init__(self, num_heads: int, head_dim: int, options: GPAMOptions):
+    def __init__(self, num_heads: int, head_dim: int, options: GPAMOptions, layer_index: int = 1):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = head_dim
@@ -127,7 +137,7 @@ def _keep_fp32(params) -> None:
             p.data = p.data.float()
 
 
-class DiffMechanism(nn.Module):
+class DiffMechanism(Mechanism):
     """Differential attention (Ye et al. 2024, arXiv:2410.05258), see ``functional.diff_attention``.
 
     Heads 2i and 2i+1 form one differential head (so the number of heads must be even):
@@ -136,10 +146,11 @@ class DiffMechanism(nn.Module):
     four learned d_h-vectors per module (initialised N(0, 0.1^2)) and the depth-dependent
     lambda_init = 0.8 - 0.6 exp(-0.3 (l - 1)) of the module's layer l (1-based, counted
     within its encoder or decoder stack). The RMSNorm over 2 d_h has a learned scale.
+    ``scores`` are the plain per-head ones: head 2i holds Q1 K1^T, head 2i+1 Q2 K2^T of
+    differential head i.
     """
 
     name = "diff"
-    uses_layer_index = True
 
     def __init__(self, num_heads: int, head_dim: int, options: Optional[GPAMOptions] = None, layer_index: int = 1):
         super().__init__()
@@ -173,10 +184,6 @@ class DiffMechanism(nn.Module):
             q, k, v, self.lambda_full(), self.lambda_init, self.norm_weight, bias, dropout_p, need_weights
         )
 
-    def scores(self, q: Tensor, k: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-        """Per head: head 2i holds Q1 K1^T, head 2i+1 holds Q2 K2^T of differential head i."""
-        return functional.attention_scores(q, k, bias)
-
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
         _keep_fp32((self.lambda_q1, self.lambda_k1, self.lambda_q2, self.lambda_k2))
@@ -186,7 +193,7 @@ class DiffMechanism(nn.Module):
         return f"pairs={self.num_heads // 2}, layer={self.layer_index}, lambda_init={self.lambda_init:.4f}"
 
 
-class CoDAMechanism(nn.Module):
+class CoDAMechanism(Mechanism):
     """Compositional de-attention (Tay et al. 2019): tanh(E) * sigmoid(N) V, not normalised.
 
     E = Q K^T / sqrt(d_h), N = -||q_i - k_j||_1 / sqrt(d_h); weights lie in (-1/2, 1/2).
@@ -195,16 +202,13 @@ class CoDAMechanism(nn.Module):
 
     name = "coda"
 
-    def __init__(self, num_heads: int, head_dim: int, options: Optional[GPAMOptions] = None):
-        super().__init__()
-
     def forward(self, q, k, v, bias=None, dropout_p: float = 0.0, need_weights: bool = False):
         return functional.coda_attention(q, k, v, bias, dropout_p, need_weights)
 
     def scores(self, q: Tensor, k: Tensor, bias: Optional[Tensor] = None) -> Tensor:
         """E and N stacked on a leading axis of size 2 (masked entries -inf in both)."""
         e = functional.attention_scores(q, k, bias)
-        l1 = torch.cdist(q.reshape(-1, q.size(-2), q.size(-1)), k.reshape(-1, k.size(-2), k.size(-1)), p=1.0)
+        l1 = functional.l1_distances(q.reshape(-1, q.size(-2), q.size(-1)), k.reshape(-1, k.size(-2), k.size(-1)))
         n = -l1.view(e.shape) * q.size(-1) ** -0.5
         keep = functional.unmasked_keys(bias)
         if keep is not None:
@@ -212,7 +216,7 @@ class CoDAMechanism(nn.Module):
         return torch.stack([e, n])
 
 
-class NAPMechanism(nn.Module):
+class NAPMechanism(Mechanism):
     """Normalized attention pooling (Richter & Wattenhofer 2020, arXiv:2005.09561).
 
     W = gain * (S - mean S) / std S + shift over each query's unmasked keys, O = W V; one
@@ -222,7 +226,7 @@ class NAPMechanism(nn.Module):
 
     name = "nap"
 
-    def __init__(self, num_heads: int, head_dim: int, options: Optional[GPAMOptions] = None):
+    def __init__(self, num_heads: int, head_dim: int, options: Optional[GPAMOptions] = None, layer_index: int = 1):
         super().__init__()
         self.gain = nn.Parameter(torch.ones(num_heads))
         self.shift = nn.Parameter(torch.zeros(num_heads))
@@ -231,16 +235,13 @@ class NAPMechanism(nn.Module):
         gain, shift = (p.to(functional.accumulation_dtype(p)).view(-1, 1, 1) for p in (self.gain, self.shift))
         return functional.nap_attention(q, k, v, gain, shift, bias, dropout_p, need_weights)
 
-    def scores(self, q: Tensor, k: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-        return functional.attention_scores(q, k, bias)
-
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
         _keep_fp32((self.gain, self.shift))
         return self
 
 
-class UnnormalizedMechanism(nn.Module):
+class UnnormalizedMechanism(Mechanism):
     """Scaled scores used directly as weights: (Q K^T / sqrt(d_h)) V, masked keys 0.
 
     Our reading of the GPAM paper's "NON" baseline. See ``functional.unnormalized_attention``.
@@ -248,14 +249,8 @@ class UnnormalizedMechanism(nn.Module):
 
     name = "unnormalized"
 
-    def __init__(self, num_heads: int, head_dim: int, options: Optional[GPAMOptions] = None):
-        super().__init__()
-
     def forward(self, q, k, v, bias=None, dropout_p: float = 0.0, need_weights: bool = False):
         return functional.unnormalized_attention(q, k, v, bias, dropout_p, need_weights)
-
-    def scores(self, q: Tensor, k: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-        return functional.attention_scores(q, k, bias)
 
 
 MECHANISMS = {
@@ -266,9 +261,6 @@ MECHANISMS = {
 
 def build_mechanism(
     attention_type: str, num_heads: int, head_dim: int, options: GPAMOptions, layer_index: int = 1
-) -> nn.Module:
+) -> Mechanism:
     """The mechanism module; ``layer_index`` (1-based, within its stack) matters to diff only."""
-    cls = MECHANISMS[attention_type]
-    if getattr(cls, "uses_layer_index", False):
-        return cls(num_heads, head_dim, options, layer_index=layer_index)
-    return cls(num_heads, head_dim, options)
+    return MECHANISMS[attention_type](num_heads, head_dim, options, layer_index=layer_index)
