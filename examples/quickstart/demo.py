@@ -62,11 +62,12 @@ def fairseq_cli(name: str) -> str:
     return local if os.path.exists(local) else name
 
 
-def run(step: str, cmd, log_path: str, echo=None) -> str:
-    """Run a fairseq CLI, logging to log_path; echo(line) picks lines to show as progress."""
+def run_logged(cmd, log_path: str, echo=None):
+    """Run a command, its output into log_path; echo(line) picks lines to show as progress.
+    Returns (exit code, the whole output)."""
     with open(log_path, "w", encoding="utf-8") as log:
         proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO
+            [str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO
         )
         for line in proc.stdout:
             log.write(line)
@@ -74,12 +75,17 @@ def run(step: str, cmd, log_path: str, echo=None) -> str:
             if shown:
                 say(shown)
         proc.wait()
-    if proc.returncode != 0:
-        with open(log_path, encoding="utf-8") as f:
-            tail = "".join(f.readlines()[-25:])
-        sys.exit(f"demo: step '{step}' failed (exit {proc.returncode}); last lines of {log_path}:\n{tail}")
     with open(log_path, encoding="utf-8") as f:
-        return f.read()
+        return proc.returncode, f.read()
+
+
+def run(step: str, cmd, log_path: str, echo=None) -> str:
+    """Run a fairseq CLI, logging to log_path; echo(line) picks lines to show as progress."""
+    code, text = run_logged(cmd, log_path, echo)
+    if code != 0:
+        tail = "".join(text.splitlines(keepends=True)[-25:])
+        sys.exit(f"demo: step '{step}' failed (exit {code}); last lines of {log_path}:\n{tail}")
+    return text
 
 
 def log_records(lines, tag: str):
@@ -88,10 +94,11 @@ def log_records(lines, tag: str):
     return [json.loads(line.split(marker, 1)[1]) for line in lines if marker in line]
 
 
-def training_progress(system: str):
+def training_progress(system: str, width: int = 5):
+    """echo() for run(): one line per fairseq-train log record (updates right-aligned in width)."""
     def echo(line: str):
         for stats in log_records([line], "train_inner"):
-            return f"  [{system}] update {stats['num_updates']:>5}  loss {stats['loss']}  wps {stats.get('wps', '-')}"
+            return f"  [{system}] update {stats['num_updates']:>{width}}  loss {stats['loss']}  wps {stats.get('wps', '-')}"
         for stats in log_records([line], "valid"):
             return f"  [{system}] validation after update {stats['valid_num_updates']}: loss {stats['valid_loss']}"
         return None

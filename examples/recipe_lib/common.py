@@ -3,7 +3,6 @@
 import json
 import os
 import shlex
-import subprocess
 import sys
 import time
 import urllib.request
@@ -13,15 +12,13 @@ REPO = os.path.dirname(os.path.dirname(HERE))
 USER_DIR = os.path.join(REPO, "gpam_fairseq")
 sys.path.insert(0, os.path.join(REPO, "examples", "quickstart"))
 
-from demo import log_records, read_generate_output  # noqa: E402,F401  (one parser for fairseq's logs)
+from demo import (  # noqa: E402,F401  (one runner and one parser for fairseq's CLIs and logs)
+    fairseq_cli, log_records, read_generate_output, run_logged, say)
+from demo import training_progress as _demo_progress  # noqa: E402
 
 
 class RecipeError(RuntimeError):
     """A stage cannot go on; the message names the file, flag or variable at fault."""
-
-
-def say(msg: str) -> None:
-    print(msg, flush=True)
 
 
 def env(name: str, default=None):
@@ -44,12 +41,6 @@ def env_args(name: str):
     return shlex.split(env(name, ""))
 
 
-def fairseq_cli(name: str) -> str:
-    """The console script next to this Python (the venv's), else the one on PATH."""
-    local = os.path.join(os.path.dirname(sys.executable), name)
-    return local if os.path.exists(local) else name
-
-
 def done_marker(folder: str, stage: str) -> str:
     return os.path.join(folder, f".{stage}.done")
 
@@ -68,32 +59,22 @@ def run_cli(step: str, cmd, log_path: str, echo=None) -> str:
     """Run a command, write its output to log_path, show the lines echo() picks; fail loudly."""
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
     say("  $ " + " ".join(shlex.quote(str(c)) for c in cmd))
-    with open(log_path, "w", encoding="utf-8") as log:
-        proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, cwd=REPO)
-        for line in proc.stdout:
-            log.write(line)
-            shown = echo(line) if echo else None
-            if shown:
-                say(shown)
-        proc.wait()
-    if proc.returncode != 0:
-        with open(log_path, encoding="utf-8") as f:
-            tail = "".join(f.readlines()[-30:])
-        raise RecipeError(f"{step} failed (exit {proc.returncode}); full log: {log_path}; last lines:\n{tail}")
-    with open(log_path, encoding="utf-8") as f:
-        return f.read()
+    code, text = run_logged(cmd, log_path, echo)
+    if code != 0:
+        tail = "".join(text.splitlines(keepends=True)[-30:])
+        raise RecipeError(f"{step} failed (exit {code}); full log: {log_path}; last lines:\n{tail}")
+    return text
 
 
 def training_progress(name: str):
+    """The demo's progress lines (wider update counts), plus fairseq's errors as they come."""
+    progress = _demo_progress(name, width=7)
+
     def echo(line: str):
-        for stats in log_records([line], "train_inner"):
-            return f"  [{name}] update {stats['num_updates']:>7}  loss {stats['loss']}  wps {stats.get('wps', '-')}"
-        for stats in log_records([line], "valid"):
-            return f"  [{name}] validation after update {stats['valid_num_updates']}: loss {stats['valid_loss']}"
-        if "| ERROR |" in line or "Traceback" in line:
+        shown = progress(line)
+        if shown is None and ("| ERROR |" in line or "Traceback" in line):
             return line.rstrip()
-        return None
+        return shown
 
     return echo
 
