@@ -21,10 +21,8 @@ and keeps every run's log there.
 
 import argparse
 import csv
-import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -32,6 +30,9 @@ import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 USER_DIR = os.path.join(REPO, "gpam_fairseq")
+sys.path.insert(0, os.path.join(REPO, "examples", "quickstart"))
+
+from demo import log_records, run_logged  # noqa: E402  (the project's one runner and log parser)
 
 NMT_FLAGS = ["--share-decoder-input-output-embed", "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)",
              "--clip-norm", "0.0", "--lr", "5e-4", "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "4000",
@@ -79,12 +80,10 @@ def write_corpus(folder, sentences, vocab, seed):
                     start += length
 
 
-def run_logged(cmd, log_path):
+def run_or_fail(cmd, log_path):
+    """Run a command into its log; (output, seconds), or exit naming the log."""
     start = time.time()
-    with open(log_path, "w") as out:
-        code = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO).returncode
-    with open(log_path) as f:
-        text = f.read()
+    code, text = run_logged(cmd, log_path)
     if code != 0:
         tail = "\n".join(text.splitlines()[-15:])
         raise SystemExit(f"error: {' '.join(cmd[:4])} ... failed (exit {code}); log {log_path}:\n{tail}")
@@ -99,18 +98,17 @@ def preprocess(work, vocab, sentences, workers):
         write_corpus(raw, sentences, vocab, seed=1)
     base = [sys.executable, "-m", "fairseq_cli.preprocess", "--workers", str(workers)]
     if not os.path.exists(os.path.join(nmt_bin, "dict.tgt.txt")):
-        run_logged(base + ["--source-lang", "src", "--target-lang", "tgt", "--joined-dictionary",
+        run_or_fail(base + ["--source-lang", "src", "--target-lang", "tgt", "--joined-dictionary",
                            "--trainpref", f"{raw}/train", "--validpref", f"{raw}/valid", "--destdir", nmt_bin],
                    os.path.join(work, "preprocess-nmt.log"))
     if not os.path.exists(os.path.join(lm_bin, "dict.txt")):
-        run_logged(base + ["--only-source", "--trainpref", f"{raw}/train.tgt", "--validpref", f"{raw}/valid.tgt",
+        run_or_fail(base + ["--only-source", "--trainpref", f"{raw}/train.tgt", "--validpref", f"{raw}/valid.tgt",
                            "--destdir", lm_bin], os.path.join(work, "preprocess-lm.log"))
     return nmt_bin, lm_bin
 
 
 def median_wps(text, skip):
-    marker = "| train_inner | "
-    records = [json.loads(line.split(marker, 1)[1]) for line in text.splitlines() if marker in line]
+    records = log_records(text.splitlines(), "train_inner")
     values = [float(r["wps"]) for r in records[skip:]] or [float(r["wps"]) for r in records]
     if not values:
         raise SystemExit("error: fairseq-train logged no train_inner record; raise --updates or lower --log-interval")
@@ -191,7 +189,7 @@ def main(argv=None):
             for arch in (stock_arch, our_arch):
                 log(f"[{name} round {round_}] fairseq-train --arch {arch} ({args.updates} updates, {args.precision})")
                 cmd = train_command(lm_bin if lm else nmt_bin, arch, task_flags, batch_flags, args, extra)
-                text, wall = run_logged(cmd, os.path.join(args.out_dir, f"{name}-{arch}-round{round_}.log"))
+                text, wall = run_or_fail(cmd, os.path.join(args.out_dir, f"{name}-{arch}-round{round_}.log"))
                 wps, updates = median_wps(text, args.skip)
                 stock_wps = wps if stock_wps is None else stock_wps
                 rows.append(dict(pair=name, precision=args.precision, round=round_, arch=arch, updates=updates,

@@ -28,7 +28,6 @@ if any check fails.
 
 import argparse
 import csv
-import json
 import os
 import re
 import shutil
@@ -39,6 +38,11 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 USER_DIR = os.path.join(REPO, "gpam_fairseq")
+sys.path.insert(0, os.path.join(REPO, "examples", "quickstart"))
+
+from demo import log_records, say  # noqa: E402  (the project's one parser of fairseq's JSON log lines)
+from synthetic_corpus import write_corpus  # noqa: E402
+
 # fairseq's tools as modules of this interpreter: works wherever fairseq is importable (a venv, a
 # --target install on PYTHONPATH), not only where its console scripts sit next to sys.executable
 PREPROCESS = [sys.executable, "-m", "fairseq_cli.preprocess"]
@@ -60,16 +64,6 @@ COMMON = ["--no-epoch-checkpoints", "--log-format", "json", "--log-interval", "1
           "--required-batch-size-multiple", "1"]
 CHECKS = ["nmt_2ranks_gloo", "lm_adaptive_2ranks_legacy_ddp", "fp16_loss_scale", "autocast_bf16",
           "autocast_fp16", "fairseq_bf16_flag"]
-
-
-def say(msg):
-    print(msg, flush=True)
-
-
-def log_records(text, tag):
-    """fairseq's --log-format json records of one kind (train_inner, train, valid)."""
-    marker = f"| {tag} | "
-    return [json.loads(line.split(marker, 1)[1]) for line in text.splitlines() if marker in line]
 
 
 def run_logged(cmd, log_path, timeout):
@@ -94,9 +88,6 @@ def last_error(out):
 
 
 def prepare_data(root):
-    sys.path.insert(0, os.path.join(REPO, "examples", "quickstart"))
-    from synthetic_corpus import write_corpus
-
     raw = os.path.join(root, "raw")
     write_corpus(raw, n_train=5000, n_valid=200, n_test=200)
     nmt, lm = os.path.join(root, "nmt-bin"), os.path.join(root, "lm-bin")
@@ -124,7 +115,7 @@ def two_ranks_train_and_resume(name, data_bin, model_args, extra, out_dir, timeo
         code, out = run_logged(cmd, os.path.join(out_dir, f"{name}_{leg}.log"), timeout)
         if code != 0:
             return False, f"{leg}: exit {code}: {last_error(out)}"
-        stats = log_records(out, "train_inner")
+        stats = log_records(out.splitlines(), "train_inner")
         losses = [float(s["loss"]) for s in stats]
         if not losses or not all(map(_finite, losses)):
             return False, f"{leg}: losses {losses}"
@@ -152,7 +143,7 @@ def fp16_loss_scale(nmt_bin, out_dir, timeout):
     code, out = run_logged(cmd, os.path.join(out_dir, "fp16_loss_scale.log"), timeout)
     if code != 0:
         return False, f"exit {code}: {last_error(out)}"
-    stats = log_records(out, "train_inner")
+    stats = log_records(out.splitlines(), "train_inner")
     losses = [float(s["loss"]) for s in stats]
     scales = [float(s["loss_scale"]) for s in stats if "loss_scale" in s]
     if not scales:

@@ -39,7 +39,7 @@ def test_log_parsing_and_tables(tmp_path):
     log = ('2026-01-01 | INFO | train_inner | {"epoch": 1, "loss": "5.1", "loss_scale": "64", "num_updates": "10"}\n'
            "noise\n"
            '2026-01-01 | INFO | train_inner | {"epoch": 1, "loss": "4.9", "loss_scale": "128", "num_updates": "20"}\n')
-    assert [r["loss_scale"] for r in gc.log_records(log, "train_inner")] == ["64", "128"]
+    assert [r["loss_scale"] for r in gc.log_records(log.splitlines(), "train_inner")] == ["64", "128"]
     assert gc.last_error("a\nRuntimeError: boom\nb\n") == "RuntimeError: boom"
     rows = [{"check": "fp16_loss_scale", "result": "PASS", "details": "x"},
             {"check": "nmt_2ranks_gloo", "result": "FAIL", "details": "y"}]
