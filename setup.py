@@ -24,7 +24,11 @@ setup(
         "tensorboard",  # fairseq's --tensorboard-logdir
         "matplotlib",  # PNG figures of the comparison, analysis and benchmark scripts
     ],
-    extras_require={"test": ["pytest>=7"]},
+    extras_require={
+        # fairscale: fairseq's --ddp-backend fully_sharded, whose GPU test and CPU error
+        # message are tested (pure Python; fairseq imports it only where it is installed)
+        "test": ["pytest>=7", "fairscale>=0.4.0"],
+    },
     classifiers=[
         "Programming Language :: Python :: 3",
         "Topic :: Scientific/Engineering :: Artificial Intelligence",

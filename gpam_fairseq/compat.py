@@ -73,3 +73,25 @@ def restore_numpy_compat_long() -> None:
 
     if not hasattr(np, "compat"):
         np.compat = types.SimpleNamespace(long=np.int64)
+
+
+def refuse_fully_sharded_without_cuda() -> None:
+    """Called by our models' ``build_model``. With ``--ddp-backend fully_sharded`` fairseq
+    builds the model inside fairscale's ``enable_wrap`` and then wraps it in fairscale's
+    FullyShardedDataParallel, whose constructor moves a tensor to CUDA (fairseq passes no
+    ``compute_device``): on a machine without CUDA the run dies deep inside fairscale with
+    ``AssertionError: Torch not compiled with CUDA enabled`` (or, with one process, asks for a
+    process group). Stop before that, naming the flag. Without fairscale installed fairseq
+    stops earlier, with its own ``pip install fairscale`` message, and this never runs."""
+    import sys
+
+    auto_wrap = sys.modules.get("fairscale.nn.wrap.auto_wrap")
+    if auto_wrap is None or not auto_wrap.ConfigAutoWrap.in_autowrap_context or torch.cuda.is_available():
+        return
+    from gpam_fairseq.options import GPAMConfigError
+
+    raise GPAMConfigError(
+        "--ddp-backend fully_sharded needs a CUDA GPU: fairscale's FullyShardedDataParallel, which "
+        "fairseq wraps around the model, runs only on CUDA devices; on this machine drop the flag "
+        "(the default --ddp-backend pytorch_ddp runs on a CPU)"
+    )

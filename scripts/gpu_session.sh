@@ -9,7 +9,8 @@
 # (scripts/benchmark_fairseq_train.py), then scripts/benchmark.py (core and module level,
 # then whole-model training step and beam search) in bf16. A step that runs out of time is
 # stopped and the next one runs; every step's output lands in OUT_DIR/<step>.log and the
-# tables under OUT_DIR/results/. Needs fairseq importable by `python3` (or $PYTHON).
+# tables under OUT_DIR/results/. Needs fairseq importable by `python3` (or $PYTHON), and
+# fairscale for the --ddp-backend fully_sharded test (skipped, and said so, without it).
 set -u
 out=${1:?usage: bash scripts/gpu_session.sh OUT_DIR [SECONDS]}
 budget=${2:-540}
@@ -37,7 +38,8 @@ step() {  # step NAME LIMIT_SECONDS COMMAND...
   $py -c "import torch, fairseq, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'fairseq', fairseq.__version__)"
 } 2>&1 | tee "$out/summary.log"
 
-step cuda_tests 90 $py -m pytest -q -p no:cacheprovider -k "cuda or gpu" tests/test_fast_paths.py tests/test_gpu_checks.py
+step cuda_tests 120 $py -m pytest -q -rs -p no:cacheprovider -k "cuda or gpu" tests/test_fast_paths.py tests/test_gpu_checks.py \
+  tests/test_training_options.py
 step gpu_checks 170 $py scripts/gpu_checks.py --out "$out/results/gpu_checks" --timeout 80
 step fairseq_train 170 $py scripts/benchmark_fairseq_train.py --pairs iwslt,lm512,wmt_big --updates 200 \
   --workers 8 --work-dir /tmp/gpam_fairseq_train_data --out-dir "$out/results/fairseq_train"

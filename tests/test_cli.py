@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from helpers import REPO, USER_DIR
-from demo import log_records
+from demo import fairseq_cli, log_records
 from synthetic_corpus import write_corpus
 
 BIN = os.path.dirname(sys.executable)
@@ -41,8 +41,9 @@ GENERATE = ["--beam", "5", "--batch-size", "32", "--required-batch-size-multiple
 
 
 def cli(name, *args, stdin=None):
-    """Run a fairseq console script; fail the test with its output if it fails."""
-    proc = subprocess.run([os.path.join(BIN, name), *args], input=stdin, capture_output=True, text=True, env=ENV, cwd=REPO)
+    """Run a fairseq console script (this venv's, else the one on PATH, as on a GPU machine with
+    fairseq installed by --target); fail the test with its output if it fails."""
+    proc = subprocess.run([fairseq_cli(name), *args], input=stdin, capture_output=True, text=True, env=ENV, cwd=REPO)
     if proc.returncode != 0:
         pytest.fail(f"{name} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc.stdout + proc.stderr

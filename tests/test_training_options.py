@@ -1,7 +1,8 @@
 """fairseq's memory-saving and regularising training options with daGPAM models:
 --checkpoint-activations, --encoder-layerdrop/--decoder-layerdrop, --quant-noise-pq work
 (tested against the same model without them); --ddp-backend fully_sharded needs fairscale
-and a GPU: on a machine without them it stops with fairseq's message naming fairscale."""
+and a GPU: without fairscale it stops with fairseq's message naming fairscale, without CUDA
+with ours naming the flag, and on a GPU it trains (the one test here that needs a GPU)."""
 
 import importlib.util
 import math
@@ -12,7 +13,8 @@ import pytest
 import torch
 
 from helpers import USER_DIR, build_language_model, build_translation_model
-from test_cli import BIN, ENV, NMT_ARCH, TRAIN, cli, corpus, log_stats  # noqa: F401  (corpus: fixture)
+from demo import fairseq_cli
+from test_cli import ENV, LM_ARCH, LM_TRAIN, NMT_ARCH, TRAIN, cli, corpus, log_stats  # noqa: F401  (corpus: fixture)
 from helpers import REPO
 
 SMALL_NMT = ["--encoder-layers", "2", "--decoder-layers", "2", "--encoder-embed-dim", "32", "--decoder-embed-dim", "32",
@@ -93,22 +95,53 @@ def test_all_three_through_fairseq_train(corpus):  # noqa: F811
     assert len(losses) == 4 and all(math.isfinite(x) for x in losses)
 
 
-HAS_FAIRSCALE = importlib.util.find_spec("fairscale") is not None
+HAS_FAIRSCALE = importlib.util.find_spec("fairscale") is not None  # `pip install -e .[test]` installs it
+FULLY_SHARDED = ["--ddp-backend", "fully_sharded"]
 
 
-@pytest.mark.skipif(HAS_FAIRSCALE, reason="fairscale installed: the GPU test below covers fully_sharded")
-def test_fully_sharded_without_fairscale_says_what_is_missing(corpus):  # noqa: F811
-    proc = subprocess.run([os.path.join(BIN, "fairseq-train"), corpus["bin"], "--user-dir", USER_DIR, *NMT_ARCH, *TRAIN,
-                           "--max-update", "1", "--no-save", "--ddp-backend", "fully_sharded"],
-                          capture_output=True, text=True, env=ENV, cwd=REPO)
-    assert proc.returncode != 0
-    assert "Cannot find FullyShardedDataParallel. Please install fairscale with: pip install fairscale" in proc.stderr
+def fairseq_train_fails(*args, env=ENV):
+    proc = subprocess.run([fairseq_cli("fairseq-train"), *args], capture_output=True, text=True, env=env, cwd=REPO)
+    assert proc.returncode != 0, proc.stdout[-2000:]
+    return proc.stderr
 
 
-@pytest.mark.skipif(not (HAS_FAIRSCALE and torch.cuda.is_available()), reason="needs a GPU and fairscale")
+def test_fully_sharded_without_fairscale_says_what_is_missing(corpus, tmp_path):  # noqa: F811
+    # a `fairscale` package that cannot be imported stands in for a machine without fairscale
+    os.makedirs(tmp_path / "fairscale")
+    (tmp_path / "fairscale" / "__init__.py").write_text('raise ImportError("fairscale hidden by the test")\n')
+    env = dict(ENV, PYTHONPATH=os.pathsep.join(filter(None, [str(tmp_path), ENV.get("PYTHONPATH")])))
+    err = fairseq_train_fails(corpus["bin"], "--user-dir", USER_DIR, *NMT_ARCH, *TRAIN, "--max-update", "1", "--no-save",
+                              *FULLY_SHARDED, env=env)
+    assert "Cannot find FullyShardedDataParallel. Please install fairscale with: pip install fairscale" in err
+
+
+@pytest.fixture(scope="module")
+def lm_bin(corpus):  # noqa: F811
+    path = os.path.join(corpus["root"], "lm-bin-fsdp")
+    cli("fairseq-preprocess", "--only-source", "--trainpref", f"{corpus['raw']}/train.tgt",
+        "--validpref", f"{corpus['raw']}/valid.tgt", "--destdir", path, "--workers", "1")
+    return path
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: the GPU test covers fully_sharded")
+@pytest.mark.skipif(not HAS_FAIRSCALE, reason="fairscale is missing: pip install -e .[test]")
+@pytest.mark.parametrize("model", ["nmt", "lm"])
+def test_fully_sharded_without_cuda_names_the_flag(model, corpus, lm_bin):  # noqa: F811
+    # fairscale's FSDP would assert "Torch not compiled with CUDA enabled" deep in its constructor
+    if model == "nmt":
+        args = [corpus["bin"], "--user-dir", USER_DIR, *NMT_ARCH, *TRAIN]
+    else:
+        args = [lm_bin, "--user-dir", USER_DIR, *LM_ARCH, *LM_TRAIN]
+    err = fairseq_train_fails(*args, "--max-update", "1", "--no-save", *FULLY_SHARDED)
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("gpam_fairseq.options.GPAMConfigError: --ddp-backend fully_sharded needs a CUDA GPU")
+    assert "Torch not compiled with CUDA" not in err
+
+
+@pytest.mark.skipif(not (HAS_FAIRSCALE and torch.cuda.is_available()), reason="needs a GPU (and fairscale)")
 def test_fully_sharded_on_a_gpu(corpus):  # noqa: F811
     out = cli("fairseq-train", corpus["bin"], "--user-dir", USER_DIR, *NMT_ARCH, *TRAIN, "--max-update", "4",
-              "--log-interval", "1", "--no-save", "--disable-validation", "--ddp-backend", "fully_sharded", "--fp16",
+              "--log-interval", "1", "--no-save", "--disable-validation", *FULLY_SHARDED, "--fp16",
               "--gpam-trainable-lambda", "--checkpoint-activations")
     losses = [float(r["loss"]) for r in log_stats(out, "train_inner")]
     assert len(losses) == 4 and all(math.isfinite(x) for x in losses)

@@ -16,6 +16,7 @@ from fairseq.models.transformer import transformer_legacy as stock
 from omegaconf import OmegaConf
 
 from gpam_fairseq.attention import stats as gpam_stats
+from gpam_fairseq.compat import refuse_fully_sharded_without_cuda
 from gpam_fairseq.finetune import add_missing_gpam_parameters
 from gpam_fairseq.modules.transformer import GPAMTransformerDecoder, GPAMTransformerEncoder
 from gpam_fairseq.options import (
@@ -47,6 +48,7 @@ class TransformerGPAMModel(TransformerModel):
             args = argparse.Namespace(**OmegaConf.to_container(args, resolve=True))
         set_gpam_defaults(args, NMT_ROLES)
         gpam_options_from_args(args, NMT_ROLES)  # fail early, with the flag's name
+        refuse_fully_sharded_without_cuda()
         for side in ("encoder", "decoder"):
             if getattr(args, f"{side}_xformers_att_config", None):
                 raise GPAMConfigError(

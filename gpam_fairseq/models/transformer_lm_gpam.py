@@ -17,6 +17,7 @@ from fairseq.models.transformer_lm import (
 )
 
 from gpam_fairseq.attention import stats as gpam_stats
+from gpam_fairseq.compat import refuse_fully_sharded_without_cuda
 from gpam_fairseq.finetune import add_missing_gpam_parameters
 from gpam_fairseq.modules.transformer import GPAMTransformerDecoder
 from gpam_fairseq.options import LM_ROLES, GPAMConfig, gpam_options_from_args
@@ -37,6 +38,7 @@ class TransformerLanguageModelGPAM(TransformerLanguageModel):
     @classmethod
     def build_model(cls, args, task):
         gpam = gpam_options_from_args(args, LM_ROLES)  # fail early, with the flag's name
+        refuse_fully_sharded_without_cuda()
         # fairseq's builder makes the embeddings (plain, adaptive or character) and a
         # stock decoder; we keep the embeddings and build our decoder around them. The
         # stock decoder is dropped at once (a little construction time, no copied code).
