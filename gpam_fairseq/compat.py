@@ -21,6 +21,7 @@ module-wide allowance, no ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD``.
 
 import argparse
 import collections
+import sys
 import typing
 
 import torch
@@ -83,8 +84,6 @@ def refuse_fully_sharded_without_cuda() -> None:
     ``AssertionError: Torch not compiled with CUDA enabled`` (or, with one process, asks for a
     process group). Stop before that, naming the flag. Without fairscale installed fairseq
     stops earlier, with its own ``pip install fairscale`` message, and this never runs."""
-    import sys
-
     auto_wrap = sys.modules.get("fairscale.nn.wrap.auto_wrap")
     if auto_wrap is None or not auto_wrap.ConfigAutoWrap.in_autowrap_context or torch.cuda.is_available():
         return

@@ -40,13 +40,25 @@ LM_TRAIN = ["--task", "language_modeling", "--optimizer", "adam", "--lr", "1e-3"
 GENERATE = ["--beam", "5", "--batch-size", "32", "--required-batch-size-multiple", "1"]
 
 
-def cli(name, *args, stdin=None):
+def run_cli(name, *args, stdin=None, env=ENV):
     """Run a fairseq console script (this venv's, else the one on PATH, as on a GPU machine with
-    fairseq installed by --target); fail the test with its output if it fails."""
-    proc = subprocess.run([fairseq_cli(name), *args], input=stdin, capture_output=True, text=True, env=ENV, cwd=REPO)
+    fairseq installed by --target)."""
+    return subprocess.run([fairseq_cli(name), *args], input=stdin, capture_output=True, text=True, env=env, cwd=REPO)
+
+
+def cli(name, *args, stdin=None):
+    """Run a fairseq console script; fail the test with its output if it fails."""
+    proc = run_cli(name, *args, stdin=stdin)
     if proc.returncode != 0:
         pytest.fail(f"{name} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc.stdout + proc.stderr
+
+
+def cli_fails(name, *args, env=ENV):
+    """Run a fairseq console script that must fail; returns its stderr."""
+    proc = run_cli(name, *args, env=env)
+    assert proc.returncode != 0, proc.stdout[-2000:]
+    return proc.stderr
 
 
 def log_stats(output, tag):

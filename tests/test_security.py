@@ -27,11 +27,10 @@ from gpam_fairseq.checkpoints import CheckpointRefused, load_models, load_state
 from gpam_fairseq.compat import CHECKPOINT_SAFE_GLOBALS
 from helpers import REPO, USER_DIR
 from synthetic_corpus import write_corpus
+import test_cli
+from test_cli import BIN, run_cli
 
-BIN = os.path.dirname(sys.executable)
-ENV = {k: v for k, v in os.environ.items() if k != "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"}
-ENV["PATH"] = BIN + os.pathsep + ENV.get("PATH", "")
-ENV["OMP_NUM_THREADS"] = "1"
+ENV = dict(test_cli.ENV, OMP_NUM_THREADS="1")
 
 # The allowlist as the README's "Safe loading" section lists it.
 DOCUMENTED_ALLOWLIST = {
@@ -76,7 +75,7 @@ class RunsExec:
 
 
 def cli(name, *args, check=True):
-    proc = subprocess.run([os.path.join(BIN, name), *args], capture_output=True, text=True, env=ENV, cwd=REPO)
+    proc = run_cli(name, *args, env=ENV)
     if check and proc.returncode != 0:
         pytest.fail(f"{name} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-4000:]}")
     return proc

@@ -7,15 +7,12 @@ with ours naming the flag, and on a GPU it trains (the one test here that needs 
 import importlib.util
 import math
 import os
-import subprocess
 
 import pytest
 import torch
 
 from helpers import USER_DIR, build_language_model, build_translation_model
-from demo import fairseq_cli
-from test_cli import ENV, LM_ARCH, LM_TRAIN, NMT_ARCH, TRAIN, cli, corpus, log_stats  # noqa: F401  (corpus: fixture)
-from helpers import REPO
+from test_cli import ENV, LM_ARCH, LM_TRAIN, NMT_ARCH, TRAIN, cli, cli_fails, corpus, log_stats  # noqa: F401  (corpus: fixture)
 
 SMALL_NMT = ["--encoder-layers", "2", "--decoder-layers", "2", "--encoder-embed-dim", "32", "--decoder-embed-dim", "32",
              "--encoder-ffn-embed-dim", "64", "--decoder-ffn-embed-dim", "64", "--dropout", "0"]
@@ -99,18 +96,12 @@ HAS_FAIRSCALE = importlib.util.find_spec("fairscale") is not None  # `pip instal
 FULLY_SHARDED = ["--ddp-backend", "fully_sharded"]
 
 
-def fairseq_train_fails(*args, env=ENV):
-    proc = subprocess.run([fairseq_cli("fairseq-train"), *args], capture_output=True, text=True, env=env, cwd=REPO)
-    assert proc.returncode != 0, proc.stdout[-2000:]
-    return proc.stderr
-
-
 def test_fully_sharded_without_fairscale_says_what_is_missing(corpus, tmp_path):  # noqa: F811
     # a `fairscale` package that cannot be imported stands in for a machine without fairscale
     os.makedirs(tmp_path / "fairscale")
     (tmp_path / "fairscale" / "__init__.py").write_text('raise ImportError("fairscale hidden by the test")\n')
     env = dict(ENV, PYTHONPATH=os.pathsep.join(filter(None, [str(tmp_path), ENV.get("PYTHONPATH")])))
-    err = fairseq_train_fails(corpus["bin"], "--user-dir", USER_DIR, *NMT_ARCH, *TRAIN, "--max-update", "1", "--no-save",
+    err = cli_fails("fairseq-train", corpus["bin"], "--user-dir", USER_DIR, *NMT_ARCH, *TRAIN, "--max-update", "1", "--no-save",
                               *FULLY_SHARDED, env=env)
     assert "Cannot find FullyShardedDataParallel. Please install fairscale with: pip install fairscale" in err
 
@@ -132,7 +123,7 @@ def test_fully_sharded_without_cuda_names_the_flag(model, corpus, lm_bin):  # no
         args = [corpus["bin"], "--user-dir", USER_DIR, *NMT_ARCH, *TRAIN]
     else:
         args = [lm_bin, "--user-dir", USER_DIR, *LM_ARCH, *LM_TRAIN]
-    err = fairseq_train_fails(*args, "--max-update", "1", "--no-save", *FULLY_SHARDED)
+    err = cli_fails("fairseq-train", *args, "--max-update", "1", "--no-save", *FULLY_SHARDED)
     last = err.strip().splitlines()[-1]
     assert last.startswith("gpam_fairseq.options.GPAMConfigError: --ddp-backend fully_sharded needs a CUDA GPU")
     assert "Torch not compiled with CUDA" not in err
