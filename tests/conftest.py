@@ -5,6 +5,7 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "examples", "quickstart"))
+sys.path.insert(0, os.path.join(REPO, "scripts"))
 
 
 def pytest_addoption(parser):
