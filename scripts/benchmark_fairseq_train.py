@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Words/s of real ``fairseq-train`` runs, each stock architecture against its daGPAM twin.
 
-The training target is the throughput that ``fairseq-train`` itself logs, at identical
+The training-speed target (docs/performance.md) is the throughput that ``fairseq-train`` logs, at identical
 settings, so this script runs exactly that: it writes a synthetic corpus (random tokens,
 Zipf-distributed, the recipes' vocabulary sizes), binarises it once with ``fairseq-preprocess``
 and then, for each pair, runs ``fairseq-train`` with the stock ``--arch`` and with ours, in

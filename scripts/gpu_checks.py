@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The GPU checks of issue 6, in one command, with a PASS/FAIL table.
+"""The GPU reliability checks (distributed, fp16, autocast), in one command, with a PASS/FAIL table.
 
     python scripts/gpu_checks.py [--out runs/gpu_checks] [--only NAME ...] [--list]
 
@@ -10,7 +10,7 @@ Without CUDA it prints ``skipped: no CUDA`` and exits 0 (the CPU counterparts ar
   --distributed-backend gloo`` on one GPU (two ranks on one card, fairseq's default
   ``pytorch_ddp``), a translation model with trainable lambdas: trains, checkpoints, then
   resumes from ``checkpoint_last.pt`` (rank 0 broadcasts it, rank 1 unpickles it under
-  torch's weights_only allowlist: ERRATA 21).
+  torch's weights_only allowlist, which must hold omegaconf's types and _TensorPlaceholder).
 * ``lm_adaptive_2ranks_legacy_ddp``: the same for the adaptive-input/adaptive-softmax LM
   (``transformer_lm_gpam_wiki103`` shrunk, ``--criterion adaptive_loss --ddp-backend legacy_ddp``).
 * ``fp16_loss_scale``: ``fairseq-train --fp16``, 300 updates: losses finite, the loss

@@ -52,7 +52,7 @@ def test_pure_stack_gradient_norms_positive_and_finite(attention_type):
 def test_softmax_collapses_faster_than_dagpam_lemma5_direction():
     """The direction of the paper's Lemma 5 on pure attention stacks (d=64, T=32, 4 heads,
     default daGPAM options). Both collapse to ~1e-16 within a few layers, so only the layers
-    where both residual ratios exceed 1e-6 are compared (ERRATA 17). Margin fixed before
+    where both residual ratios exceed 1e-6 are compared (below, float64 rounding decides). Margin fixed before
     looking at results: over 5 seeds, the mean over those layers of
     log10(r_dagpam / r_softmax) exceeds 0.1 decades for every seed."""
     for seed in range(5):

@@ -1,4 +1,4 @@
-"""scripts/compare_runs.py on synthetic run folders with known answers (ERRATA 14)."""
+"""scripts/compare_runs.py on synthetic run folders with known answers (identical outputs: no p-value)."""
 
 import csv
 import json
@@ -75,7 +75,7 @@ def test_identical_outputs_give_equal_scores_and_zero_delta(runs, tmp_path):
                                          str(tmp_path / "c.csv"), "--ar-trials", "2000"])
     row = significance_by_run(sig)["same_seed1"]
     assert row[2] == row[3] and row[4] == "+0.00"
-    # sacreBLEU's tests give p = 1/(n+1) for a zero delta by construction (ERRATA 14): the table
+    # sacreBLEU's tests give p = 1/(n+1) for a zero delta by construction: the table
     # says there is nothing to test instead of printing a p that looks significant
     assert row[5] == row[6] == "n/a (identical outputs)"
     assert rows[0][3] == rows[1][3]

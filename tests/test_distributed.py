@@ -7,7 +7,7 @@
 * fairseq-train itself with ``--distributed-world-size 2 --distributed-backend gloo`` on the
   CPU: trains, checkpoints, and resumes from ``checkpoint_last.pt`` -- which makes rank 0 send
   the checkpoint to rank 1 through fairseq's ``broadcast_object`` and rank 1 unpickle it
-  under torch's weights_only allowlist (ERRATA 21). On CPU fairseq's ``pytorch_ddp`` wrapper
+  under torch's weights_only allowlist (omegaconf types, _TensorPlaceholder). On CPU fairseq's ``pytorch_ddp`` wrapper
   cannot run (it passes ``device_ids=[0]``), so this uses ``--ddp-backend legacy_ddp``;
   ``scripts/gpu_checks.py`` covers the default backend on a GPU.
 """

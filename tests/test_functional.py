@@ -11,7 +11,7 @@ NEG_INF = float("-inf")
 
 
 def reference_dagpam(q, k, v, w_q_neg, lambda_pos, lambda_neg, masked):
-    """The formula of GPAM_METHOD.md, written out head by head and row by row in float64.
+    """The formula of docs/method.md, written out head by head and row by row in float64.
 
     masked: bool (B, Tq, Tk), True = key not visible. Rows with no visible key give zeros.
     """

@@ -6,7 +6,7 @@ keys are all padding) and with long causal sequences (1024 tokens), and matches 
 computation with the same weights to the type's precision where the problem is well
 conditioned. The whole NMT model trains a step under bf16 autocast and in ``model.half()``,
 and fairseq-train runs with ``--memory-efficient-fp16`` (the only fairseq fp16 mode on a
-CPU; ``--fp16`` needs CUDA and ``--bf16`` is broken in fairseq-fixed, ERRATA 20) without its
+CPU; ``--fp16`` needs CUDA and ``--bf16`` is broken in fairseq-fixed: it sets tpu=True) without its
 loss scale collapsing. The GPU counterparts are in ``scripts/gpu_checks.py``.
 """
 
@@ -88,7 +88,7 @@ def run(module, inputs, dtype=None, autocast=None):
 
 
 CASES = ["large_scores", "fully_padded_rows", "long_causal"]
-# Failures this test found in mechanisms outside issue 6, kept visible (strict: a fix makes the
+# Failures this test found in the alternatives (not softmax, not daGPAM), kept visible (strict: a fix makes the
 # test fail until the entry is removed).
 KNOWN_FAILURES = {
     ("long_causal", "fp16", "nap"): "nap: fp16 backward on 1024-token causal rows overflows (q_proj.bias gradient inf)",
@@ -168,7 +168,7 @@ def test_whole_model_step_in_half_precision(mode):
     if mode == "fp16_module":
         model = model.half()
         thetas = [p for n, p in model.named_parameters() if "lambda" in n and "theta" in n]
-        assert thetas and all(p.dtype == torch.float32 for p in thetas)  # lambdas stay fp32 (ERRATA 5)
+        assert thetas and all(p.dtype == torch.float32 for p in thetas)  # lambdas stay fp32 after model.half() (--fp16)
         logits = model(**batch)[0]
     else:
         with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -303,7 +303,7 @@ def test_named_lm_sizes_equal_their_stock_baseline(recipe, size):
     stock, _ = parse(["--task", "language_modeling", *s.baseline])
     assert _size_fields(gpam) == _size_fields(stock)
     if size != "base":
-        assert gpam.decoder_normalize_before is True  # ERRATA 12
+        assert gpam.decoder_normalize_before is True  # named LM archs: fairseq's base_lm_architecture forces Pre-LN
     if recipe == "wikitext103" and size == "8layer":
         assert gpam.decoder_layers == 8
 

@@ -1,7 +1,7 @@
 """Safe loading: the plugin's allowlist is exactly what fairseq pickles, and nothing else loads.
 
 torch >= 2.6 already refuses a pickle that calls ``os.system``; these tests guard against the
-plugin weakening that (ERRATA 22), through every loader: fairseq's own
+plugin weakening that (no weights_only=False, no global beyond fairseq's), through every loader: fairseq's own
 (``checkpoint_utils``, fairseq-generate with ``--user-dir``), ours (``gpam_fairseq.checkpoints``,
 which every script of the project uses), hub ``from_pretrained``, and the ``torch.load`` of a
 distributed broadcast. Each malicious file would create a side-effect file if anything in it
@@ -32,7 +32,7 @@ from test_cli import BIN, run_cli
 
 ENV = dict(test_cli.ENV, OMP_NUM_THREADS="1")
 
-# The allowlist as the README's "Safe loading" section lists it.
+# The allowlist as docs/compatibility.md's "Safe loading" section lists it.
 DOCUMENTED_ALLOWLIST = {
     "argparse.Namespace",  # NMT checkpoints: their options
     # the broadcast_object payload of a distributed resume:
@@ -239,7 +239,7 @@ def test_allowlist_is_what_fairseq_pickles(real):
 
 @pytest.mark.parametrize("kind", ["nmt", "lm"])
 def test_broadcast_payload_round_trips_under_weights_only(real, kind):
-    """What ranks > 0 receive when a distributed run resumes (ERRATA 21) loads, and is equal."""
+    """What ranks > 0 receive when a distributed run resumes (broadcast_object's payload) loads, and is equal."""
     from fairseq.distributed.utils import _put_tensors_in_obj
 
     state = load_state(real[kind])
@@ -268,7 +268,7 @@ def test_project_code_loads_checkpoints_only_through_gpam_fairseq_checkpoints():
 
 
 def test_loading_without_user_dir_fails_with_the_messages_the_readme_quotes(real):
-    """ERRATA 23: fairseq fails before any code of ours runs; the README's troubleshooting
+    """Without --user-dir fairseq fails before any code of ours runs; docs/compatibility.md's troubleshooting
     section quotes these exact lines, so they are checked here."""
     env = {**ENV, "PYTHONPATH": ""}
     procs = {
