@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Rank collapse and gradient diagnostics per layer, for one or several attention types.
 
 For every layer l of a model (or of a pure attention stack) it measures, on one batch:
@@ -19,6 +18,10 @@ averaged over the sentences of the batch (padding excluded), and every row of th
 (attention type, seed, stack, layer). The PNG has three panels (residual, cosine, gradient
 norm against the layer), one line per attention type (mean over seeds).
 
+The command line is ``scripts/analyze_collapse.py`` (:func:`main`); the PTB controlled
+experiment (``examples/ptb/controlled/run_controlled.py``) calls :func:`run`, :func:`write_csv`
+and :func:`plot` on its trained checkpoints.
+
     # trained checkpoints (their attention type is read from them), on a data split
     python scripts/analyze_collapse.py --checkpoint ckpt/softmax/checkpoint_best.pt ckpt/dagpam/checkpoint_best.pt \\
         --data-bin data/ptb/data-bin --split valid --out-prefix results/collapse
@@ -35,17 +38,13 @@ import csv
 import logging
 import os
 import shlex
-import sys
 from typing import Dict, Iterable, List, Optional, Sequence
 
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
-
-import gpam_fairseq  # noqa: E402,F401  (registers the models)
-from gpam_fairseq.options import ATTENTION_TYPES, GPAMOptions  # noqa: E402
+import gpam_fairseq  # noqa: F401  (registers the models)
+from gpam_fairseq.fairseq_tools import make_dictionary, parse_training_args, task_without_data
+from gpam_fairseq.options import ATTENTION_TYPES, GPAMOptions
 
 FIELDS = ["label", "attention_type", "seed", "stack", "layer", "norm", "residual_ratio", "mean_cosine", "grad_norm_wq"]
 
@@ -207,30 +206,13 @@ def load_checkpoint(path: str, data_bin: Optional[str]):
 
 def build_random_model(arch: str, task_name: str, attention_type: str, fairseq_args: Sequence[str], data_bin: Optional[str],
                        vocab: int, seed: int):
-    """The model fairseq-train would build for these flags, at its random initialisation."""
-    from fairseq import options, tasks
-    from fairseq.data import Dictionary
-    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+    """The model fairseq-train would build for these flags, at its random initialisation (with
+    the data folder's dictionaries, else one dictionary of ``vocab`` symbols)."""
+    from fairseq import tasks
 
-    parser = options.get_training_parser()
-    argv = [data_bin or "/nonexistent-data", "--task", task_name, "--arch", arch, "--attention-type", attention_type,
-            "--seed", str(seed), *fairseq_args]
-    args = options.parse_args_and_arch(parser, argv)
-    cfg = convert_namespace_to_omegaconf(args)
-    if data_bin:
-        task = tasks.setup_task(cfg.task)
-    else:
-        d = Dictionary()
-        for i in range(vocab - len(d)):
-            d.add_symbol(f"w{i}")
-        if task_name == "language_modeling":
-            from fairseq.tasks.language_modeling import LanguageModelingTask
-
-            task = LanguageModelingTask(cfg.task, d, d, targets=["future"])
-        else:
-            from fairseq.tasks.translation import TranslationTask
-
-            task = TranslationTask(cfg.task, d, d)
+    cli = ["--task", task_name, "--arch", arch, "--attention-type", attention_type, "--seed", str(seed), *fairseq_args]
+    _, cfg = parse_training_args(cli, data=data_bin or "/nonexistent-data")
+    task = tasks.setup_task(cfg.task) if data_bin else task_without_data(cfg, make_dictionary(vocab))
     torch.manual_seed(seed)
     return task.build_model(cfg.model), task
 
@@ -438,6 +420,3 @@ def main(argv=None) -> None:
     plot(rows, args.out_prefix + ".png", title=f"{what}, {args.norm} residual, seeds {args.seeds}")
     print(f"| wrote {args.out_prefix}.csv ({len(rows)} rows) and {args.out_prefix}.png")
 
-
-if __name__ == "__main__":
-    main()

@@ -5,8 +5,10 @@ through a fixed bijective dictionary and *reverses the word order*. A model can 
 this by attending from each target position to the mirrored source position, so the
 task exercises exactly the mechanism we swap (and a model without working attention
 scores near zero BLEU). It is a toy task, and every output that uses it says so.
+Used by ``make demo``, ``scripts/gpu_checks.py`` and the tests.
 
     python examples/quickstart/synthetic_corpus.py OUT_DIR [--train 20000] [--seed 1]
+    python -m gpam_fairseq.synthetic_corpus OUT_DIR [--train 20000] [--seed 1]
 
 writes OUT_DIR/{train,valid,test}.{src,tgt}.
 """

@@ -1,4 +1,5 @@
-"""scripts/analyze_collapse.py: the metrics, the direction of the paper's Lemma 5, the CLI."""
+"""scripts/analyze_collapse.py (gpam_fairseq/collapse_analysis.py): the metrics, the direction of
+the paper's Lemma 5, the CLI."""
 
 import csv
 import math
@@ -9,10 +10,8 @@ import sys
 import pytest
 import torch
 
+from gpam_fairseq import collapse_analysis as ac
 from helpers import REPO
-
-sys.path.insert(0, os.path.join(REPO, "scripts"))
-import analyze_collapse as ac  # noqa: E402
 
 
 def test_residual_of_rank_one_input_is_zero_and_cosine_of_identical_tokens_is_one():
@@ -52,7 +51,7 @@ def test_pure_stack_gradient_norms_positive_and_finite(attention_type):
 def test_softmax_collapses_faster_than_dagpam_lemma5_direction():
     """The direction of the paper's Lemma 5 on pure attention stacks (d=64, T=32, 4 heads,
     default daGPAM options). Both collapse to ~1e-16 within a few layers, so only the layers
-    where both residual ratios exceed 1e-6 are compared (ERRATA 17). Margin fixed before
+    where both residual ratios exceed 1e-6 are compared. Margin fixed before
     looking at results: over 5 seeds, the mean over those layers of
     log10(r_dagpam / r_softmax) exceeds 0.1 decades for every seed."""
     for seed in range(5):

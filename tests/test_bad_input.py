@@ -20,7 +20,7 @@ from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
 from gpam_fairseq.options import ATTENTION_TYPES, FLAG, LAMBDA_SCOPES, NEG_QUERY_INITS, NEG_QUERY_SHARING, GPAMConfigError
 from helpers import REPO, USER_DIR
-from synthetic_corpus import write_corpus
+from gpam_fairseq.synthetic_corpus import write_corpus
 
 BIN = os.path.dirname(sys.executable)
 ENV = {k: v for k, v in os.environ.items() if k != "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"}

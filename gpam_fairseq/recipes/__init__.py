@@ -1,6 +1,8 @@
-"""Shared code of the recipes in examples/<task>/ (IWSLT14, WMT14 En-De, WikiText-103, Enwik8, PTB).
+"""The recipes of the paper's experiments (IWSLT14, WMT14 En-De, WikiText-103, Enwik8, PTB).
 
-Each recipe folder has four stage scripts (prepare, preprocess, train, evaluate) that call
-:func:`recipe_lib.stages.main` with the recipe's name; the recipes themselves are declared
-in :mod:`recipe_lib.recipes`, the data preparation in :mod:`recipe_lib.recipe_data`.
+Each recipe folder ``examples/<task>/`` has four stage scripts (prepare, preprocess, train,
+evaluate) that call :func:`gpam_fairseq.recipes.stages.main` with the recipe's name; the
+recipes themselves are declared in :mod:`gpam_fairseq.recipes.definitions`, the data
+preparation in :mod:`gpam_fairseq.recipes.preparation`, the text processing in
+:mod:`gpam_fairseq.recipes.text`.
 """
