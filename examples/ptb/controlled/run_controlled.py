@@ -33,10 +33,11 @@ import sys
 import time
 
 from gpam_fairseq.fairseq_tools import USER_DIR, fairseq_cli
+from gpam_fairseq.options import ATTENTION_TYPES
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(HERE)))
-ALL_TYPES = "softmax,dagpam,diff,coda,nap,unnormalized"
+ALL_TYPES = ",".join(ATTENTION_TYPES)  # every registered --attention-type
 
 # The model is the PTB recipe's transformer_lm_gpam_ptb (15 layers, Pre-LN; examples/ptb/) in
 # both sizes, with the recipe's optimiser; --small only shrinks width, context and budget.
