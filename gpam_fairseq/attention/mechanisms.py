@@ -86,7 +86,9 @@ def register_mechanism(cls: Type[Mechanism]) -> Type[Mechanism]:
     if not set(cls.fp32_parameters) <= set(cls.new_parameters):
         raise TypeError(f"{where}: fp32_parameters must be among its new_parameters")
     if cls.has_negative_map and not ("w_q_neg" in cls.new_parameters and callable(getattr(cls, "lambdas", None))):
-        raise TypeError(f"{where}: has_negative_map needs w_q_neg among new_parameters and a lambdas() method (the scalars read both)")
+        raise TypeError(
+            f"{where}: has_negative_map needs w_q_neg among new_parameters and a lambdas() method (the scalars read both)"
+        )
     MECHANISMS[cls.name] = cls
     return cls
 
