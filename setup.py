@@ -9,6 +9,7 @@ setup(
     "transformer_gpam NMT and transformer_lm_gpam LM architectures",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
+    license="MIT",
     python_requires=">=3.9",
     packages=find_packages(include=["gpam_fairseq", "gpam_fairseq.*"]),
     install_requires=[

@@ -5,16 +5,28 @@ model) generates its argparse flags from it; the language model inherits it into
 fairseq dataclass. Both then call :func:`gpam_options_from_args`, which validates the
 values and returns a frozen :class:`GPAMOptions` that the layers receive explicitly
 (never through fairseq's ``TransformerConfig``, which drops unknown keys for LMs).
+
+The attention types, their help and the options each reads come from the registry of
+:mod:`gpam_fairseq.attention.mechanisms`.
 """
 
+import logging
 import math
 from dataclasses import dataclass, field, fields
-from typing import Any, FrozenSet, Tuple
+from typing import Any, FrozenSet, Set, Tuple
 
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.utils import safe_getattr
 
-ATTENTION_TYPES = ("softmax", "dagpam", "diff", "coda", "nap", "unnormalized")
+from gpam_fairseq.attention.mechanisms import MECHANISMS
+
+logger = logging.getLogger(__name__)
+
+ATTENTION_TYPES = tuple(MECHANISMS)  # registration order: softmax, dagpam, then the alternatives
+# The options whose meaning depends on the attention type: each type declares which of them it
+# reads (Mechanism.options_read); given with a type that does not, they are reported once.
+TYPE_OPTIONS = ("gpam_lambda_pos", "gpam_lambda_neg", "gpam_trainable_lambda", "gpam_lambda_scope",
+                "gpam_neg_query", "gpam_neg_query_init")
 ROLES = ("enc_self", "dec_self", "cross")
 NMT_ROLES = ROLES
 LM_ROLES = ("dec_self",)
@@ -27,17 +39,25 @@ class GPAMConfigError(ValueError):
     """A GPAM option has a value we refuse; the message is one line naming the flag."""
 
 
+for _mechanism in MECHANISMS.values():
+    if not set(_mechanism.options_read) <= set(TYPE_OPTIONS):
+        raise TypeError(
+            f"{_mechanism.__name__}.options_read: {sorted(set(_mechanism.options_read) - set(TYPE_OPTIONS))} are "
+            f"not among the options that depend on the attention type ({', '.join(TYPE_OPTIONS)})"
+        )
+
+
+def attention_type_help() -> str:
+    """The help of --attention-type: every registered type with its one-line help."""
+    types = "; ".join(f"'{name}' ({mechanism.help})" for name, mechanism in MECHANISMS.items())
+    return f"attention in the blocks named by --gpam-blocks (the others stay softmax): {types}"
+
+
 @dataclass
 class GPAMConfig(FairseqDataclass):
     attention_type: ChoiceEnum(ATTENTION_TYPES) = field(
         default="dagpam",
-        metadata={
-            "help": "attention in the blocks named by --gpam-blocks: 'dagpam' (dual-attention "
-            "GPAM), 'softmax' (the stock Transformer, for baselines trained by the same code), or "
-            "the alternatives the paper compares with: 'diff' (Differential Transformer; pairs "
-            "heads, so the number of heads must be even), 'coda' (compositional de-attention), "
-            "'nap' (normalized attention pooling), 'unnormalized' (scaled scores times V)"
-        },
+        metadata={"help": attention_type_help()},
     )
     gpam_lambda_pos: float = field(
         default=0.2,
@@ -175,14 +195,50 @@ def gpam_options_from_args(args: Any, available_blocks: Tuple[str, ...]) -> GPAM
         neg_query=_choice(args, "gpam_neg_query", NEG_QUERY_SHARING),
         neg_query_init=_choice(args, "gpam_neg_query_init", NEG_QUERY_INITS),
     )
-    if opts.trainable_lambda and opts.attention_type == "dagpam":
+    read = set(MECHANISMS[opts.attention_type].options_read)
+    if opts.trainable_lambda and "gpam_trainable_lambda" in read:
         for name, value in (("gpam_lambda_pos", opts.lambda_pos), ("gpam_lambda_neg", opts.lambda_neg)):
             if value <= 0:
                 raise GPAMConfigError(
                     f"{FLAG[name]}: must be > 0 with --gpam-trainable-lambda "
                     f"(lambda = softplus(theta) cannot start at 0), got {value!r}"
                 )
+    if {"gpam_lambda_pos", "gpam_lambda_neg"} <= read and opts.lambda_neg >= 1 + opts.lambda_pos:
+        pos, neg = FLAG["gpam_lambda_pos"], FLAG["gpam_lambda_neg"]
+        raise GPAMConfigError(
+            f"{neg}: {opts.lambda_neg:g} >= 1 + {pos} ({opts.lambda_pos:g}); rows of P_G would sum to "
+            f"1 + lambda+ - lambda- = {1 + opts.lambda_pos - opts.lambda_neg:g} <= 0; choose {neg} < 1 + {pos}"
+        )
+    warn_options_not_read(opts)
     return opts
+
+
+def option_value(opts: GPAMOptions, name: str) -> Any:
+    """The validated value of the option ``name`` (gpam_lambda_pos -> opts.lambda_pos, ...)."""
+    return getattr(opts, name[len("gpam_"):] if name.startswith("gpam_") else name)
+
+
+_reported: Set[str] = set()  # the reports of warn_options_not_read made in this process
+
+
+def warn_options_not_read(opts: GPAMOptions) -> None:
+    """Warn once per process, in one line, about the options that depend on the attention type,
+    that ``opts.attention_type`` does not read and that differ from their defaults: "given" is
+    "not at the default", the one reading that holds for command lines, hydra configs and the
+    options stored in checkpoints alike. Not an error: the recipes give the same flags to
+    every system."""
+    read = set(MECHANISMS[opts.attention_type].options_read)
+    ignored = [name for name in TYPE_OPTIONS if name not in read and option_value(opts, name) != DEFAULTS[name]]
+    if not ignored:
+        return
+    readers = [t for t, m in MECHANISMS.items() if set(ignored) & set(m.options_read)]
+    message = (
+        f"{FLAG['attention_type']} {opts.attention_type} does not read {', '.join(FLAG[n] for n in ignored)} "
+        f"(set away from their defaults; read by {', '.join(readers) or 'no type'}): they have no effect"
+    )
+    if message not in _reported:
+        _reported.add(message)
+        logger.warning(message)
 
 
 def set_gpam_defaults(args: Any, available_blocks: Tuple[str, ...]) -> None:

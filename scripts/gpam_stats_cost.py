@@ -8,15 +8,12 @@ exactly as fairseq-train does (set_num_updates after every step), on random batc
     python scripts/gpam_stats_cost.py [--steps 200] [--repeats 3]
 """
 import argparse
-import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
-from helpers import build_translation_model  # noqa: E402
-from fairseq.logging import metrics  # noqa: E402
+from gpam_fairseq.fairseq_tools import build_translation_model  # first: gpam_fairseq imports fairseq quietly
+from fairseq.logging import metrics
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--steps", type=int, default=200)

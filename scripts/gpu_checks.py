@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The GPU reliability checks (distributed, fp16, autocast), in one command, with a PASS/FAIL table.
+"""The GPU checks of training on a GPU (distributed, fp16, autocast), in one command, with a PASS/FAIL table.
 
     python scripts/gpu_checks.py [--out runs/gpu_checks] [--only NAME ...] [--list]
 
@@ -35,13 +35,11 @@ import subprocess
 import sys
 import time
 
+from gpam_fairseq.fairseq_tools import USER_DIR, log_records, say
+from gpam_fairseq.synthetic_corpus import write_corpus
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-USER_DIR = os.path.join(REPO, "gpam_fairseq")
-sys.path.insert(0, os.path.join(REPO, "examples", "quickstart"))
-
-from demo import log_records, say  # noqa: E402  (the project's one parser of fairseq's JSON log lines)
-from synthetic_corpus import write_corpus  # noqa: E402
 
 # fairseq's tools as modules of this interpreter: works wherever fairseq is importable (a venv, a
 # --target install on PYTHONPATH), not only where its console scripts sit next to sys.executable
@@ -159,9 +157,7 @@ def autocast_check(dtype_name):
 
     import torch
 
-    sys.path.insert(0, os.path.join(REPO, "tests"))
-    from helpers import build_translation_model  # the tests' way of building models without data
-
+    from gpam_fairseq.fairseq_tools import build_translation_model
     from gpam_fairseq.modules.transformer import build_attention
     from gpam_fairseq.options import GPAMOptions
 

@@ -4,7 +4,7 @@ import sys
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "examples", "quickstart"))
+# the command-line scripts, importable as modules by their tests (compare_runs, average_checkpoints, ...)
 sys.path.insert(0, os.path.join(REPO, "scripts"))
 
 

@@ -290,13 +290,12 @@ def test_generate_through_the_cli(corpus, trained):  # noqa: F811
 
 
 def test_analyze_collapse_on_the_trained_checkpoints(corpus, trained, tmp_path):  # noqa: F811
-    """scripts/analyze_collapse.py on real checkpoints (loaded through gpam_fairseq/checkpoints.py),
+    """scripts/analyze_collapse.py (gpam_fairseq/collapse_analysis.py) on real checkpoints (loaded through gpam_fairseq/checkpoints.py),
     encoder and decoder stacks, on the valid split."""
-    sys.path.insert(0, os.path.join(REPO, "scripts"))
-    import analyze_collapse
+    from gpam_fairseq import collapse_analysis
 
     prefix = str(tmp_path / "trained")
-    analyze_collapse.main(["--checkpoint", *trained.values(), "--data-bin", corpus["bin"], "--split", "valid",
+    collapse_analysis.main(["--checkpoint", *trained.values(), "--data-bin", corpus["bin"], "--split", "valid",
                            "--batch-size", "4", "--out-prefix", prefix])
     with open(prefix + ".csv") as f:
         rows = list(csv.DictReader(f))

@@ -1,4 +1,5 @@
-"""scripts/analyze_collapse.py: the metrics, the direction of the paper's Lemma 5, the CLI."""
+"""scripts/analyze_collapse.py (gpam_fairseq/collapse_analysis.py): the metrics, the direction of
+the paper's Lemma 5, the CLI."""
 
 import csv
 import math
@@ -9,10 +10,8 @@ import sys
 import pytest
 import torch
 
+from gpam_fairseq import collapse_analysis as ac
 from helpers import REPO
-
-sys.path.insert(0, os.path.join(REPO, "scripts"))
-import analyze_collapse as ac  # noqa: E402
 
 
 def test_residual_of_rank_one_input_is_zero_and_cosine_of_identical_tokens_is_one():

@@ -9,12 +9,11 @@ import pytest
 import torch
 
 from helpers import REPO, USER_DIR
-from synthetic_corpus import write_corpus
+from gpam_fairseq.synthetic_corpus import write_corpus
 
 BIN = os.path.dirname(sys.executable)
 SCRIPT = os.path.join(REPO, "scripts", "average_checkpoints.py")
-sys.path.insert(0, os.path.dirname(SCRIPT))
-import average_checkpoints  # noqa: E402
+import average_checkpoints  # noqa: E402  (scripts/, on the path through conftest.py)
 
 
 def cli(*args):

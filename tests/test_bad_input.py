@@ -6,6 +6,7 @@
   ``gpam_fairseq.options``: a new option without a case here fails the coverage test.
 * A data folder without a dictionary, or languages that are not in it, fails with fairseq's
   own message, and no frame of the traceback is in gpam_fairseq.
+* Options that the attention type does not read are reported in one warning line, once.
 """
 
 import os
@@ -20,7 +21,7 @@ from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
 from gpam_fairseq.options import ATTENTION_TYPES, FLAG, LAMBDA_SCOPES, NEG_QUERY_INITS, NEG_QUERY_SHARING, GPAMConfigError
 from helpers import REPO, USER_DIR
-from synthetic_corpus import write_corpus
+from gpam_fairseq.synthetic_corpus import write_corpus
 
 BIN = os.path.dirname(sys.executable)
 ENV = {k: v for k, v in os.environ.items() if k != "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"}
@@ -32,6 +33,10 @@ NMT = ["--task", "translation", "--arch", "transformer_gpam_iwslt_de_en", "--enc
 LM = ["--task", "language_modeling", "--arch", "transformer_lm_gpam", "--decoder-layers", "1", "--decoder-embed-dim", "16",
       "--decoder-ffn-embed-dim", "16", "--tokens-per-sample", "16"]
 TRAIN = ["--optimizer", "adam", "--lr", "1e-3", "--max-tokens", "512", "--max-update", "1", "--no-save"]
+# lambda- >= 1 + lambda+: every row of P_G would sum to 1 + lambda+ - lambda- <= 0
+NO_POSITIVE_MASS = ["--gpam-lambda-pos", "1.2", "--gpam-lambda-neg", "2.5"]
+REFUSED = ("--gpam-lambda-neg: 2.5 >= 1 + --gpam-lambda-pos (1.2); rows of P_G would sum to 1 + lambda+ - lambda- = "
+           "-0.3 <= 0; choose --gpam-lambda-neg < 1 + --gpam-lambda-pos")
 
 
 def choices(values):
@@ -45,6 +50,8 @@ BAD = [
     ("nmt", ["--gpam-lambda-pos", "-0.5"], "--gpam-lambda-pos: must be a finite number >= 0, got -0.5"),
     ("nmt", ["--gpam-lambda-pos", "big"], "argument --gpam-lambda-pos: invalid float value: 'big'"),
     ("lm", ["--gpam-lambda-neg", "nan"], "--gpam-lambda-neg: must be a finite number >= 0, got nan"),
+    ("nmt", NO_POSITIVE_MASS, REFUSED),
+    ("lm", NO_POSITIVE_MASS, REFUSED),
     ("nmt", ["--gpam-trainable-lambda", "--gpam-lambda-neg", "0"],
      "--gpam-lambda-neg: must be > 0 with --gpam-trainable-lambda (lambda = softplus(theta) cannot start at 0), got 0.0"),
     ("nmt", ["--gpam-lambda-scope", "layer"], f"argument --gpam-lambda-scope: invalid choice: 'layer' {choices(LAMBDA_SCOPES)}"),
@@ -124,6 +131,29 @@ def test_fairseq_train_shows_the_line_last(data):
     assert proc.returncode != 0
     assert err.strip().splitlines()[-1] == \
         "gpam_fairseq.options.GPAMConfigError: --gpam-lambda-pos: must be a finite number >= 0, got -0.5"
+
+
+@pytest.mark.parametrize("model", ["nmt", "lm"])
+def test_fairseq_train_refuses_rows_of_p_g_without_positive_mass(data, model):
+    proc = cli(data[model], "--user-dir", USER_DIR, *(NMT if model == "nmt" else LM), *TRAIN, *NO_POSITIVE_MASS)
+    _, err = proc.communicate()
+    assert proc.returncode != 0
+    assert REFUSED in err.strip().splitlines()[-1]
+
+
+def test_fairseq_train_warns_once_about_options_the_type_does_not_read(data):
+    """The recipes give the same flags to every system: a softmax run with daGPAM's flags trains,
+    saying once, in one line, that they have no effect (fairseq-train builds the encoder and the
+    decoder from the options, each validating them)."""
+    proc = cli(data["nmt"], "--user-dir", USER_DIR, *NMT, *TRAIN, "--attention-type", "softmax",
+               "--gpam-lambda-pos", "0.5", "--gpam-neg-query", "per_head", "--gpam-trainable-lambda")
+    out, err = proc.communicate()
+    assert proc.returncode == 0, err[-3000:]
+    reports = [line for line in (out + err).splitlines() if "does not read" in line]
+    assert len(reports) == 1, reports
+    assert " | WARNING | gpam_fairseq.options | " in reports[0]
+    assert reports[0].endswith("--attention-type softmax does not read --gpam-lambda-pos, --gpam-trainable-lambda, "
+                               "--gpam-neg-query (set away from their defaults; read by dagpam): they have no effect")
 
 
 def our_frames(stderr):

@@ -9,10 +9,8 @@ import sys
 
 import pytest
 
+import compare_runs  # scripts/, on the path through conftest.py
 from helpers import REPO
-
-sys.path.insert(0, os.path.join(REPO, "scripts"))
-import compare_runs  # noqa: E402
 
 WORDS = "the a cat dog house tree sees likes big small red blue old new fast and".split()
 

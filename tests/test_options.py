@@ -1,5 +1,7 @@
 """Every GPAM option is validated with a one-line error that names the flag."""
 
+import logging
+
 import pytest
 
 from gpam_fairseq.options import GPAMConfigError
@@ -79,3 +81,76 @@ def test_every_flag_has_help_text():
     for flag in FLAG.values():
         assert flag in actions, flag
         assert actions[flag].help and len(actions[flag].help) > 20, flag
+
+
+# ----------------------------------------------------------------------------- lambda- against lambda+
+
+
+def refused(pos, neg):
+    return (f"--gpam-lambda-neg: {neg:g} >= 1 + --gpam-lambda-pos ({pos:g}); rows of P_G would sum to "
+            f"1 + lambda+ - lambda- = {1 + pos - neg:g} <= 0; choose --gpam-lambda-neg < 1 + --gpam-lambda-pos")
+
+
+# (lambda+, lambda-, trainable); trainable lambdas must start > 0, a rule of their own
+@pytest.mark.parametrize("pos,neg,trainable", [(1.2, 2.5, False), (0.5, 1.5, False), (0.0, 1.0, False),
+                                               (0.0, 3.0, False), (1.2, 2.5, True), (0.5, 1.5, True)])
+def test_a_negative_map_that_outweighs_the_positive_one_is_refused(pos, neg, trainable):
+    """Rows of P_G sum to 1 + lambda+ - lambda-: lambda- >= 1 + lambda+ leaves them none (sum <= 0)."""
+    flags = ["--gpam-lambda-pos", str(pos), "--gpam-lambda-neg", str(neg)] + (["--gpam-trainable-lambda"] if trainable else [])
+    for build in (lambda: build_translation_model("transformer_gpam_iwslt_de_en", SMALL + flags, 50, 50),
+                  lambda: build_language_model("transformer_lm_gpam", ["--decoder-layers", "1", *flags])):
+        with pytest.raises(GPAMConfigError) as err:
+            build()
+        assert one_line(str(err.value)) == refused(pos, neg)
+
+
+def test_lambda_neg_just_below_one_plus_lambda_pos_is_accepted():
+    model = build_translation_model("transformer_gpam_iwslt_de_en",
+                                    SMALL + ["--gpam-lambda-pos", "0.5", "--gpam-lambda-neg", "1.49"], 50, 50)
+    assert model.encoder.layers[0].self_attn.mechanism.lambdas() == (0.5, 1.49)
+
+
+# ----------------------------------------------------------------------------- options a type does not read
+
+OPTIONS_LOGGER = "gpam_fairseq.options"
+SOFTMAX_WITH_GPAM_FLAGS = ["--attention-type", "softmax", "--gpam-lambda-pos", "0.5", "--gpam-neg-query", "per_head"]
+NOT_READ = ("--attention-type softmax does not read --gpam-lambda-pos, --gpam-neg-query (set away from their "
+            "defaults; read by dagpam): they have no effect")
+
+
+@pytest.fixture
+def reports(monkeypatch, caplog):
+    """The warnings of gpam_fairseq.options, as a fresh process would make them."""
+    from gpam_fairseq import options
+
+    monkeypatch.setattr(options, "_reported", set())
+    caplog.set_level(logging.WARNING, logger=OPTIONS_LOGGER)
+    return lambda: [r.getMessage() for r in caplog.records if r.name == OPTIONS_LOGGER and r.levelno == logging.WARNING]
+
+
+def test_options_the_type_does_not_read_are_reported_once_in_one_line(reports):
+    for _ in range(2):  # every model builds its encoder and decoder from the same options: still one report
+        build_translation_model("transformer_gpam_iwslt_de_en", SMALL + SOFTMAX_WITH_GPAM_FLAGS, 50, 50)
+    assert reports() == [NOT_READ]
+    # the refusal above only concerns types that read both lambdas: softmax is told, not stopped
+    build_translation_model("transformer_gpam_iwslt_de_en", SMALL + ["--attention-type", "coda", "--gpam-lambda-neg", "3"],
+                            50, 50)
+    assert reports()[1:] == ["--attention-type coda does not read --gpam-lambda-neg (set away from their defaults; "
+                             "read by dagpam): they have no effect"]
+
+
+def test_no_report_where_the_type_reads_them_or_they_are_at_their_defaults(reports):
+    build_translation_model("transformer_gpam_iwslt_de_en", SMALL + SOFTMAX_WITH_GPAM_FLAGS[2:], 50, 50)  # dagpam
+    build_translation_model("transformer_gpam_iwslt_de_en", SMALL + ["--attention-type", "diff"], 50, 50)
+    # "given" means "not at the default": the defaults spelt out change nothing, so nothing to report
+    build_translation_model("transformer_gpam_iwslt_de_en",
+                            SMALL + ["--attention-type", "nap", "--gpam-lambda-pos", "0.2", "--gpam-neg-query", "shared"],
+                            50, 50)
+    assert reports() == []
+
+
+def test_language_model_reports_too(reports):
+    build_language_model("transformer_lm_gpam", ["--decoder-layers", "1", "--attention-type", "nap",
+                                                 "--gpam-trainable-lambda", "--gpam-lambda-scope", "head"])
+    assert reports() == ["--attention-type nap does not read --gpam-trainable-lambda, --gpam-lambda-scope (set away "
+                         "from their defaults; read by dagpam): they have no effect"]

@@ -22,8 +22,8 @@ import torch
 from gpam_fairseq.modules.transformer import build_attention
 from gpam_fairseq.options import ATTENTION_TYPES, GPAMOptions
 from helpers import REPO, USER_DIR, build_translation_model
-from demo import log_records
-from synthetic_corpus import write_corpus
+from gpam_fairseq.fairseq_tools import log_records
+from gpam_fairseq.synthetic_corpus import write_corpus
 
 E, H = 32, 4
 HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}

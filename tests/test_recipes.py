@@ -294,13 +294,12 @@ def _size_fields(args):
                                          ("enwik8", "12layer"), ("ptb", "15layer")])
 def test_named_lm_sizes_equal_their_stock_baseline(recipe, size):
     """MODEL=gpam and MODEL=baseline of a recipe build models of the same shape (Pre-LN for named ones)."""
-    sys.path.insert(0, os.path.join(EXAMPLES, "recipe_lib"))
-    from helpers import parse
-    from recipes import RECIPES
+    from gpam_fairseq.fairseq_tools import parse_training_args
+    from gpam_fairseq.recipes.definitions import RECIPES
 
     s = RECIPES[recipe].sizes[size]
-    gpam, _ = parse(["--task", "language_modeling", *s.gpam])
-    stock, _ = parse(["--task", "language_modeling", *s.baseline])
+    gpam, _ = parse_training_args(["--task", "language_modeling", *s.gpam])
+    stock, _ = parse_training_args(["--task", "language_modeling", *s.baseline])
     assert _size_fields(gpam) == _size_fields(stock)
     if size != "base":
         assert gpam.decoder_normalize_before is True  # named LM archs: fairseq's base_lm_architecture forces Pre-LN
@@ -309,9 +308,8 @@ def test_named_lm_sizes_equal_their_stock_baseline(recipe, size):
 
 
 def test_ptb_gpam_adds_only_the_dagpam_parameters():
-    sys.path.insert(0, os.path.join(EXAMPLES, "recipe_lib"))
+    from gpam_fairseq.recipes.definitions import RECIPES
     from helpers import build_language_model, count, gpam_parameter_share
-    from recipes import RECIPES
 
     s = RECIPES["ptb"].sizes["15layer"]
     stock = build_language_model(s.baseline[1], s.baseline[2:], vocab=10000)
@@ -323,15 +321,13 @@ def test_ptb_gpam_adds_only_the_dagpam_parameters():
 
 
 def test_compound_split_as_scaling_nmt():
-    sys.path.insert(0, os.path.join(EXAMPLES, "recipe_lib"))
-    from stages import compound_split
+    from gpam_fairseq.recipes.stages import compound_split
 
     assert compound_split("a well-known long-term x - y") == "a well ##AT##-##AT## known long ##AT##-##AT## term x - y"
 
 
 def _all_sizes():
-    sys.path.insert(0, os.path.join(EXAMPLES, "recipe_lib"))
-    from recipes import RECIPES
+    from gpam_fairseq.recipes.definitions import RECIPES
 
     return [(r, s, (r.setups or (None,))[0]) for r in RECIPES.values() for s in r.sizes]
 
@@ -340,8 +336,8 @@ def _all_sizes():
 def test_every_train_command_parses_with_fairseq(recipe, size, setup, monkeypatch, tmp_path):
     """Each recipe's fairseq-train line (baseline, gpam, any other --attention-type) is accepted by
     fairseq's own parser; baseline and gpam differ only in the architecture and attention flags."""
-    from helpers import parse
-    from stages import Settings, train_command
+    from gpam_fairseq.fairseq_tools import parse_training_args
+    from gpam_fairseq.recipes.stages import Settings, train_command
 
     monkeypatch.setenv("NGPUS", "8")
     monkeypatch.setenv("SIZE", size)
@@ -353,7 +349,7 @@ def test_every_train_command_parses_with_fairseq(recipe, size, setup, monkeypatc
         cmd, gpus, update_freq = train_command(Settings(recipe))
         commands[model] = cmd
     for model in ("baseline", "gpam"):
-        args, _ = parse(commands[model][2:])  # drop the executable and the data folder
+        args, _ = parse_training_args(commands[model][2:])  # drop the executable and the data folder
         assert args.seed == 1 and args.tensorboard_logdir and args.fp16
         assert args.update_freq == [max(1, recipe.sizes[size].gpu_steps // 8)]
         if model == "baseline":
@@ -368,11 +364,11 @@ def test_every_train_command_parses_with_fairseq(recipe, size, setup, monkeypatc
 
 
 def test_attention_type_is_validated_by_fairseq(monkeypatch, tmp_path):
-    from helpers import parse
-    from recipes import RECIPES
-    from stages import Settings, train_command
+    from gpam_fairseq.fairseq_tools import parse_training_args
+    from gpam_fairseq.recipes.definitions import RECIPES
+    from gpam_fairseq.recipes.stages import Settings, train_command
 
     monkeypatch.setenv("DATA_DIR", str(tmp_path))
     monkeypatch.setenv("MODEL", "no_such_attention")  # the recipe passes it on, fairseq's argparse refuses it
     with pytest.raises(SystemExit):
-        parse(train_command(Settings(RECIPES["iwslt14"]))[0][2:])
+        parse_training_args(train_command(Settings(RECIPES["iwslt14"]))[0][2:])

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from helpers import REPO, USER_DIR
-from demo import log_records
-from synthetic_corpus import write_corpus
+from gpam_fairseq.fairseq_tools import log_records
+from gpam_fairseq.synthetic_corpus import write_corpus
 
 from gpam_fairseq.checkpoints import load_state
 

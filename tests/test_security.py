@@ -26,7 +26,7 @@ import gpam_fairseq  # noqa: F401  (what --user-dir does: installs the allowlist
 from gpam_fairseq.checkpoints import CheckpointRefused, load_models, load_state
 from gpam_fairseq.compat import CHECKPOINT_SAFE_GLOBALS
 from helpers import REPO, USER_DIR
-from synthetic_corpus import write_corpus
+from gpam_fairseq.synthetic_corpus import write_corpus
 import test_cli
 from test_cli import BIN, run_cli
 

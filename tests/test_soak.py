@@ -35,9 +35,9 @@ def test_2000_updates_with_trainable_lambda_stay_finite_and_in_range(tmp_path):
 
     import torch
 
-    from demo import log_records
+    from gpam_fairseq.fairseq_tools import log_records
     from helpers import USER_DIR
-    from synthetic_corpus import write_corpus
+    from gpam_fairseq.synthetic_corpus import write_corpus
 
     from gpam_fairseq.checkpoints import load_state
 

@@ -1,9 +1,5 @@
 #!/usr/bin/env python
 """ptb recipe, stage 'preprocess' (settings from the environment; see README.md here, or --help)."""
-import os
-import sys
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipe_lib"))
-from stages import main  # noqa: E402
+from gpam_fairseq.recipes.stages import main
 
 main("ptb", "preprocess")

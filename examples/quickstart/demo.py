@@ -14,19 +14,16 @@ and prints one table. Everything runs through the stock fairseq command lines wi
 import argparse
 import json
 import os
-import re
 import shutil
-import statistics
-import subprocess
 import sys
 import time
 
+from gpam_fairseq.fairseq_tools import (  # noqa: F401  (log_records: scripts/benchmark_fairseq_train.py imports it from here)
+    USER_DIR, fairseq_cli, log_records, parse_training_log, read_generate_output, run_logged, say, training_progress)
+from gpam_fairseq.synthetic_corpus import SRC_LANG, TGT_LANG, write_corpus
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
-USER_DIR = os.path.join(REPO, "gpam_fairseq")
-sys.path.insert(0, HERE)
-
-from synthetic_corpus import SRC_LANG, TGT_LANG, write_corpus  # noqa: E402
 
 SYSTEMS = ("softmax", "dagpam")
 
@@ -52,33 +49,6 @@ TRAIN_ARGS = [
 GENERATE_ARGS = ["--beam", "5", "--batch-size", "128", "--required-batch-size-multiple", "1"]
 
 
-def say(msg: str) -> None:
-    print(msg, flush=True)
-
-
-def fairseq_cli(name: str) -> str:
-    """The console script next to this Python (the venv's), else the one on PATH."""
-    local = os.path.join(os.path.dirname(sys.executable), name)
-    return local if os.path.exists(local) else name
-
-
-def run_logged(cmd, log_path: str, echo=None):
-    """Run a command, its output into log_path; echo(line) picks lines to show as progress.
-    Returns (exit code, the whole output)."""
-    with open(log_path, "w", encoding="utf-8") as log:
-        proc = subprocess.Popen(
-            [str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO
-        )
-        for line in proc.stdout:
-            log.write(line)
-            shown = echo(line) if echo else None
-            if shown:
-                say(shown)
-        proc.wait()
-    with open(log_path, encoding="utf-8") as f:
-        return proc.returncode, f.read()
-
-
 def run(step: str, cmd, log_path: str, echo=None) -> str:
     """Run a fairseq CLI, logging to log_path; echo(line) picks lines to show as progress."""
     code, text = run_logged(cmd, log_path, echo)
@@ -86,53 +56,6 @@ def run(step: str, cmd, log_path: str, echo=None) -> str:
         tail = "".join(text.splitlines(keepends=True)[-25:])
         sys.exit(f"demo: step '{step}' failed (exit {code}); last lines of {log_path}:\n{tail}")
     return text
-
-
-def log_records(lines, tag: str):
-    """The statistics of fairseq's `--log-format json` lines of one kind (train_inner, train, valid)."""
-    marker = f"| {tag} | "
-    return [json.loads(line.split(marker, 1)[1]) for line in lines if marker in line]
-
-
-def training_progress(system: str, width: int = 5):
-    """echo() for run(): one line per fairseq-train log record (updates right-aligned in width)."""
-    def echo(line: str):
-        for stats in log_records([line], "train_inner"):
-            return f"  [{system}] update {stats['num_updates']:>{width}}  loss {stats['loss']}  wps {stats.get('wps', '-')}"
-        for stats in log_records([line], "valid"):
-            return f"  [{system}] validation after update {stats['valid_num_updates']}: loss {stats['valid_loss']}"
-        return None
-
-    return echo
-
-
-def parse_training_log(text: str):
-    params = re.search(r"num\. (?:shared )?model params: ([\d,]+)", text)
-    lines = text.splitlines()
-    # fairseq's wps over each logging interval; short runs have only the epoch averages
-    wps = [float(s["wps"]) for s in log_records(lines, "train_inner")] or [
-        float(s["train_wps"]) for s in log_records(lines, "train")
-    ]
-    return {
-        "params": int(params.group(1).replace(",", "")) if params else None,
-        "wps": statistics.median(wps) if wps else None,
-    }
-
-
-def read_generate_output(text: str):
-    """Detokenised hypotheses (D-) and references (T-) in corpus order."""
-    hyps, refs = {}, {}
-    for line in text.splitlines():
-        if line.startswith("D-"):
-            idx, _score, hyp = line[2:].split("\t", 2)
-            hyps[int(idx)] = hyp
-        elif line.startswith("T-"):
-            idx, ref = line[2:].split("\t", 1)
-            refs[int(idx)] = ref
-    ids = sorted(refs)
-    if sorted(hyps) != ids:
-        raise RuntimeError(f"fairseq-generate returned {len(hyps)} hypotheses for {len(ids)} references")
-    return [hyps[i] for i in ids], [refs[i] for i in ids]
 
 
 def score(hyps, refs):
@@ -145,7 +68,7 @@ def score(hyps, refs):
 
 
 def write_run_folder(run_dir, system, row, hyps, refs):
-    """The run folder that the recipes' evaluate stage writes (examples/recipe_lib/stages.py), so
+    """The run folder that the recipes' evaluate stage writes (gpam_fairseq/recipes/stages.py), so
     that scripts/compare_runs.py can compare the demo's two systems too."""
     os.makedirs(run_dir)
     for name, lines in (("hyps.txt", hyps), ("refs.txt", refs)):

@@ -5,27 +5,52 @@ the attention weights). It owns only what is specific to it (W_Q- and the lambda
 daGPAM); projections, masks and caches live in :mod:`gpam_fairseq.attention.multihead`.
 The math itself is in :mod:`gpam_fairseq.attention.functional`.
 
-Adding a mechanism: one function in functional.py, one :class:`Mechanism` subclass here, one
-entry in ``MECHANISMS``, and its tests.
+The registry ``MECHANISMS`` (name -> class, in registration order) is the one list of
+attention types. Adding one takes its math as a function in functional.py and one
+:class:`Mechanism` subclass here, decorated with :func:`register_mechanism`, that declares:
+
+    name               its --attention-type value
+    help               one line for the help of --attention-type
+    new_parameters     its parameters: a stock softmax checkpoint has none of them, so
+                       fine-tuning one initialises them fresh (gpam_fairseq/finetune.py)
+    fp32_parameters    those of them that stay fp32 after model.half() (Mechanism._apply)
+    has_negative_map   whether the daGPAM scalars are logged for it (attention/stats.py, which
+                       reads its ``lambdas()`` and ``w_q_neg``)
+    options_read       the options that depend on the type (options.TYPE_OPTIONS) it reads;
+                       the others, given with this type, are reported as having no effect
+
+The --attention-type choices and help, fine-tuning, half precision, the scalars and that
+report all read the registry; tests/test_mechanism_registry.py checks every declaration of
+every type against what its module does.
 """
 
+from __future__ import annotations
+
 import math
-from typing import Optional, Tuple, Union
+from typing import TYPE_CHECKING, ClassVar, Dict, Optional, Tuple, Type, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gpam_fairseq.attention import functional
-from gpam_fairseq.options import GPAMConfigError, GPAMOptions
+
+if TYPE_CHECKING:  # options.py imports this module to list the attention types
+    from gpam_fairseq.options import GPAMOptions
 
 
 class Mechanism(nn.Module):
-    """What every mechanism shares: the constructor's arguments (each mechanism reads the ones
-    it needs: diff its ``layer_index``, daGPAM its ``options``) and the plain per-head scores
-    Q K^T / sqrt(d_h) + M returned for ``before_softmax``."""
+    """What every mechanism shares: the declarations of the registry (see the module docstring),
+    the constructor's arguments (each mechanism reads the ones it needs: diff its
+    ``layer_index``, daGPAM its ``options``), the plain per-head scores Q K^T / sqrt(d_h) + M
+    returned for ``before_softmax``, and keeping ``fp32_parameters`` fp32 under ``half()``."""
 
-    name = ""
+    name: ClassVar[str] = ""
+    help: ClassVar[str] = ""
+    new_parameters: ClassVar[Tuple[str, ...]] = ()
+    fp32_parameters: ClassVar[Tuple[str, ...]] = ()
+    has_negative_map: ClassVar[bool] = False
+    options_read: ClassVar[Tuple[str, ...]] = ()
 
     def __init__(
         self, num_heads: int = 0, head_dim: int = 0, options: Optional[GPAMOptions] = None, layer_index: int = 1
@@ -35,11 +60,45 @@ class Mechanism(nn.Module):
     def scores(self, q: Tensor, k: Tensor, bias: Optional[Tensor] = None) -> Tensor:
         return functional.attention_scores(q, k, bias)
 
+    def _apply(self, fn, recurse=True):
+        """Scalars that steer a whole map (lambda, gain, shift) stay fp32 after model.half(), so
+        that they and what they weigh are never rounded to half precision."""
+        super()._apply(fn, recurse)
+        for name in self.fp32_parameters:
+            param = getattr(self, name, None)  # some exist only with some options (daGPAM's thetas)
+            if param is not None and param.dtype in (torch.float16, torch.bfloat16):
+                param.data = param.data.float()
+        return self
 
+
+MECHANISMS: Dict[str, Type[Mechanism]] = {}
+
+
+def register_mechanism(cls: Type[Mechanism]) -> Type[Mechanism]:
+    """Class decorator: make ``cls`` an --attention-type, after checking its declarations."""
+    where = f"@register_mechanism {getattr(cls, '__name__', cls)!r}"
+    if not (isinstance(cls, type) and issubclass(cls, Mechanism)):
+        raise TypeError(f"{where}: not a subclass of Mechanism")
+    if not cls.name or cls.name in MECHANISMS:
+        raise TypeError(f"{where}: name {cls.name!r} is empty or already registered")
+    if not cls.help or "\n" in cls.help:
+        raise TypeError(f"{where}: help must be one line for --attention-type's help")
+    if not set(cls.fp32_parameters) <= set(cls.new_parameters):
+        raise TypeError(f"{where}: fp32_parameters must be among its new_parameters")
+    if cls.has_negative_map and not ("w_q_neg" in cls.new_parameters and callable(getattr(cls, "lambdas", None))):
+        raise TypeError(
+            f"{where}: has_negative_map needs w_q_neg among new_parameters and a lambdas() method (the scalars read both)"
+        )
+    MECHANISMS[cls.name] = cls
+    return cls
+
+
+@register_mechanism
 class SoftmaxMechanism(Mechanism):
     """Conventional scaled dot-product attention, softmax(Q K^T / sqrt(d_h) + M) V."""
 
     name = "softmax"
+    help = "the stock Transformer's attention, for baselines trained by the same code"
 
     def forward(self, q, k, v, bias=None, dropout_p: float = 0.0, need_weights: bool = False):
         return functional.softmax_attention(q, k, v, bias, dropout_p, need_weights)
@@ -49,6 +108,7 @@ def _inverse_softplus(y: float) -> float:
     return y + math.log(-math.expm1(-y))
 
 
+@register_mechanism
 class DaGPAMMechanism(Mechanism):
     """Dual-attention GPAM: (1 + lambda+) softmax(Q+ K^T) - lambda- softmax(Q- K^T), times V.
 
@@ -59,6 +119,12 @@ class DaGPAMMechanism(Mechanism):
     """
 
     name = "dagpam"
+    help = "dual-attention GPAM, the mechanism of the paper"
+    new_parameters = ("w_q_neg", "lambda_pos_theta", "lambda_neg_theta")
+    fp32_parameters = ("lambda_pos_theta", "lambda_neg_theta")
+    has_negative_map = True
+    options_read = ("gpam_lambda_pos", "gpam_lambda_neg", "gpam_trainable_lambda", "gpam_lambda_scope",
+                    "gpam_neg_query", "gpam_neg_query_init")
 
     def __init__(self, num_heads: int, head_dim: int, options: GPAMOptions, layer_index: int = 1):
         super().__init__()
@@ -109,14 +175,6 @@ class DaGPAMMechanism(Mechanism):
     def scores(self, q: Tensor, k: Tensor, bias: Optional[Tensor] = None) -> Tensor:
         return functional.dagpam_scores(q, k, self.w_q_neg, bias)
 
-    def _apply(self, fn, recurse=True):
-        super()._apply(fn, recurse)
-        if self.trainable_lambda:
-            for theta in (self.lambda_pos_theta, self.lambda_neg_theta):
-                if theta.dtype in (torch.float16, torch.bfloat16):
-                    theta.data = theta.data.float()
-        return self
-
     def extra_repr(self) -> str:
         lp, ln = self.lambdas()
         show = lambda x: f"{x:g}" if isinstance(x, float) else f"trainable{tuple(x.flatten().tolist())}"
@@ -130,13 +188,7 @@ class DaGPAMMechanism(Mechanism):
 # The mechanisms the paper compares daGPAM with (their math: functional.py).
 
 
-def _keep_fp32(params) -> None:
-    """Scalars that steer a whole map (lambda, gain, shift) stay fp32 after model.half()."""
-    for p in params:
-        if p.dtype in (torch.float16, torch.bfloat16):
-            p.data = p.data.float()
-
-
+@register_mechanism
 class DiffMechanism(Mechanism):
     """Differential attention (Ye et al. 2024, arXiv:2410.05258), see ``functional.diff_attention``.
 
@@ -151,10 +203,15 @@ class DiffMechanism(Mechanism):
     """
 
     name = "diff"
+    help = "Differential Transformer, Ye et al. 2024; pairs heads, so their number must be even"
+    new_parameters = ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2", "norm_weight")
+    fp32_parameters = ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2")
 
     def __init__(self, num_heads: int, head_dim: int, options: Optional[GPAMOptions] = None, layer_index: int = 1):
         super().__init__()
         if num_heads % 2:
+            from gpam_fairseq.options import GPAMConfigError  # options.py imports this module
+
             raise GPAMConfigError(
                 f"--encoder-attention-heads/--decoder-attention-heads: --attention-type diff pairs "
                 f"heads 2i, 2i+1 into one differential head, so the number of heads must be even, got {num_heads}"
@@ -184,15 +241,11 @@ class DiffMechanism(Mechanism):
             q, k, v, self.lambda_full(), self.lambda_init, self.norm_weight, bias, dropout_p, need_weights
         )
 
-    def _apply(self, fn, recurse=True):
-        super()._apply(fn, recurse)
-        _keep_fp32((self.lambda_q1, self.lambda_k1, self.lambda_q2, self.lambda_k2))
-        return self
-
     def extra_repr(self) -> str:
         return f"pairs={self.num_heads // 2}, layer={self.layer_index}, lambda_init={self.lambda_init:.4f}"
 
 
+@register_mechanism
 class CoDAMechanism(Mechanism):
     """Compositional de-attention (Tay et al. 2019): tanh(E) * sigmoid(N) V, not normalised.
 
@@ -201,6 +254,7 @@ class CoDAMechanism(Mechanism):
     """
 
     name = "coda"
+    help = "compositional de-attention, Tay et al. 2019"
 
     def forward(self, q, k, v, bias=None, dropout_p: float = 0.0, need_weights: bool = False):
         return functional.coda_attention(q, k, v, bias, dropout_p, need_weights)
@@ -216,6 +270,7 @@ class CoDAMechanism(Mechanism):
         return torch.stack([e, n])
 
 
+@register_mechanism
 class NAPMechanism(Mechanism):
     """Normalized attention pooling (Richter & Wattenhofer 2020, arXiv:2005.09561).
 
@@ -225,6 +280,9 @@ class NAPMechanism(Mechanism):
     """
 
     name = "nap"
+    help = "normalized attention pooling, Richter & Wattenhofer 2020"
+    new_parameters = ("gain", "shift")
+    fp32_parameters = ("gain", "shift")
 
     def __init__(self, num_heads: int, head_dim: int, options: Optional[GPAMOptions] = None, layer_index: int = 1):
         super().__init__()
@@ -235,12 +293,8 @@ class NAPMechanism(Mechanism):
         gain, shift = (p.to(functional.accumulation_dtype(p)).view(-1, 1, 1) for p in (self.gain, self.shift))
         return functional.nap_attention(q, k, v, gain, shift, bias, dropout_p, need_weights)
 
-    def _apply(self, fn, recurse=True):
-        super()._apply(fn, recurse)
-        _keep_fp32((self.gain, self.shift))
-        return self
 
-
+@register_mechanism
 class UnnormalizedMechanism(Mechanism):
     """Scaled scores used directly as weights: (Q K^T / sqrt(d_h)) V, masked keys 0.
 
@@ -248,15 +302,10 @@ class UnnormalizedMechanism(Mechanism):
     """
 
     name = "unnormalized"
+    help = "scaled scores times V, the paper's unnormalized baseline"
 
     def forward(self, q, k, v, bias=None, dropout_p: float = 0.0, need_weights: bool = False):
         return functional.unnormalized_attention(q, k, v, bias, dropout_p, need_weights)
-
-
-MECHANISMS = {
-    m.name: m
-    for m in (SoftmaxMechanism, DaGPAMMechanism, DiffMechanism, CoDAMechanism, NAPMechanism, UnnormalizedMechanism)
-}
 
 
 def build_mechanism(

@@ -1,6 +1,7 @@
 """GPAM scalars in fairseq's logs and tensorboard, next to fairseq's own (loss, ppl, ...).
 
-For every attention module whose mechanism has a negative map (daGPAM), logged through
+For every attention module whose mechanism has a negative map (declared by the mechanism's
+class in the registry, ``has_negative_map``: daGPAM), logged through
 ``fairseq.logging.metrics.log_scalar`` so that they reach ``train_inner``, ``train`` and
 ``valid`` exactly like fairseq's scalars (JSON/simple logs and ``--tensorboard-logdir``):
 
@@ -31,6 +32,7 @@ from fairseq.utils import safe_getattr
 from torch import Tensor, nn
 
 from gpam_fairseq.attention import functional
+from gpam_fairseq.attention.mechanisms import Mechanism
 from gpam_fairseq.options import DEFAULTS, GPAMConfigError
 
 SAMPLE_QUERIES = 16
@@ -41,7 +43,8 @@ _LAYER = re.compile(r"(?:^|\.)(encoder|decoder)\.layers\.(\d+)\.(self_attn|encod
 
 
 def has_negative_map(mechanism: nn.Module) -> bool:
-    return isinstance(getattr(mechanism, "w_q_neg", None), Tensor) and callable(getattr(mechanism, "lambdas", None))
+    """Whether the mechanism's registered class declares a negative map (its scalars are logged)."""
+    return isinstance(mechanism, Mechanism) and mechanism.has_negative_map
 
 
 def in_fairseq_loop() -> bool:
@@ -126,7 +129,7 @@ def attach(model: nn.Module, args) -> int:
     attached = 0
     for name, module in model.named_modules():
         mechanism = getattr(module, "mechanism", None)
-        if isinstance(mechanism, nn.Module) and has_negative_map(mechanism):
+        if has_negative_map(mechanism):
             module.add_observer(AttentionStats(label_of(name, per_layer), interval))
             attached += 1
     return attached

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 
 from gpam_fairseq.attention import stats as gpam_stats
 from gpam_fairseq.compat import refuse_fully_sharded_without_cuda
-from gpam_fairseq.finetune import add_missing_gpam_parameters
+from gpam_fairseq.finetune import add_missing_mechanism_parameters
 from gpam_fairseq.modules.transformer import GPAMTransformerDecoder, GPAMTransformerEncoder
 from gpam_fairseq.options import (
     NMT_ROLES,
@@ -82,7 +82,7 @@ class TransformerGPAMModel(TransformerModel):
     def upgrade_state_dict_named(self, state_dict, name):
         """Also loads stock transformer checkpoints: see gpam_fairseq/finetune.py."""
         super().upgrade_state_dict_named(state_dict, name)
-        add_missing_gpam_parameters(self, state_dict, name)
+        add_missing_mechanism_parameters(self, state_dict, name)
 
 
 def _gpam_architecture(stock_architecture):

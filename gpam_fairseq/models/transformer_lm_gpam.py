@@ -18,7 +18,7 @@ from fairseq.models.transformer_lm import (
 
 from gpam_fairseq.attention import stats as gpam_stats
 from gpam_fairseq.compat import refuse_fully_sharded_without_cuda
-from gpam_fairseq.finetune import add_missing_gpam_parameters
+from gpam_fairseq.finetune import add_missing_mechanism_parameters
 from gpam_fairseq.modules.transformer import GPAMTransformerDecoder
 from gpam_fairseq.options import LM_ROLES, GPAMConfig, gpam_options_from_args
 
@@ -60,7 +60,7 @@ class TransformerLanguageModelGPAM(TransformerLanguageModel):
     def upgrade_state_dict_named(self, state_dict, name):
         """Also loads stock transformer_lm checkpoints: see gpam_fairseq/finetune.py."""
         super().upgrade_state_dict_named(state_dict, name)
-        add_missing_gpam_parameters(self, state_dict, name)
+        add_missing_mechanism_parameters(self, state_dict, name)
 
 
 @register_model_architecture("transformer_lm_gpam", "transformer_lm_gpam_wiki103")

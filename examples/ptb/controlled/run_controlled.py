@@ -3,9 +3,10 @@
 attention type, identical budget and seed, then perplexity and the collapse analysis.
 
 For each type in --attention-types it runs fairseq-train (same flags, same --seed, only
---attention-type differs), fairseq-eval-lm on the test split, and finally
-scripts/analyze_collapse.py on all checkpoints (the first --analysis-batch sentences of the
-valid split). It writes, under --out-dir:
+--attention-type differs), fairseq-eval-lm on the test split, and finally the collapse
+analysis of scripts/analyze_collapse.py (gpam_fairseq/collapse_analysis.py) on all
+checkpoints (the first --analysis-batch sentences of the valid split). It writes, under
+--out-dir:
 
     results.md, results.csv     perplexity per attention type (+ parameters, time, collapse figures)
     collapse.csv, collapse.png  residual ratio, cosine similarity, ||dL/dW_Q|| per layer and type
@@ -31,11 +32,12 @@ import subprocess
 import sys
 import time
 
+from gpam_fairseq.fairseq_tools import USER_DIR, fairseq_cli
+from gpam_fairseq.options import ATTENTION_TYPES
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(HERE)))
-USER_DIR = os.path.join(REPO, "gpam_fairseq")
-sys.path.insert(0, os.path.join(REPO, "scripts"))
-ALL_TYPES = "softmax,dagpam,diff,coda,nap,unnormalized"
+ALL_TYPES = ",".join(ATTENTION_TYPES)  # every registered --attention-type
 
 # The model is the PTB recipe's transformer_lm_gpam_ptb (15 layers, Pre-LN; examples/ptb/) in
 # both sizes, with the recipe's optimiser; --small only shrinks width, context and budget.
@@ -46,10 +48,6 @@ SIZES = {
     "small": dict(layers=15, embed_dim=32, ffn_dim=64, heads=4, tokens_per_sample=32, max_tokens=512,
                   max_update=150, warmup=10, lr=2e-3, dropout=0.1),
 }
-
-
-def bin_path(name):
-    return os.path.join(os.path.dirname(sys.executable), name)
 
 
 def run(cmd, log_path):
@@ -142,7 +140,7 @@ def main(argv=None):
 
     import shlex
 
-    import analyze_collapse
+    from gpam_fairseq import collapse_analysis
 
     size = dict(SIZES["small" if args.small else "full"])
     if args.max_update:
@@ -161,7 +159,7 @@ def main(argv=None):
         print(f"| writing the synthetic corpus to {raw}", flush=True)
         write_synthetic_corpus(raw, seed=args.seed)
         if not os.path.exists(os.path.join(data_bin, "dict.txt")):
-            run([bin_path("fairseq-preprocess"), "--only-source", "--trainpref", f"{raw}/train.txt",
+            run([fairseq_cli("fairseq-preprocess"), "--only-source", "--trainpref", f"{raw}/train.txt",
                  "--validpref", f"{raw}/valid.txt", "--testpref", f"{raw}/test.txt", "--destdir", data_bin,
                  "--workers", "1"], os.path.join(out, "logs", "preprocess.log"))
         corpus_note = ("data: SYNTHETIC word-level corpus (first-order Markov chain over 150 pseudo-words, "
@@ -183,10 +181,10 @@ def main(argv=None):
             walls = re.findall(r'"train_wall": "([\d.]+)"', log)
             train_s = float(walls[-1]) if walls else float("nan")
         else:
-            log, train_s = run([bin_path("fairseq-train"), data_bin, "--user-dir", USER_DIR, *flags,
+            log, train_s = run([fairseq_cli("fairseq-train"), data_bin, "--user-dir", USER_DIR, *flags,
                                 "--attention-type", t, "--save-dir", save_dir], train_log)
             print(f"|     evaluating {t} on test", flush=True)
-            eval_log, _ = run([bin_path("fairseq-eval-lm"), data_bin, "--user-dir", USER_DIR, "--path", ckpt,
+            eval_log, _ = run([fairseq_cli("fairseq-eval-lm"), data_bin, "--user-dir", USER_DIR, "--path", ckpt,
                                "--gen-subset", "test", "--tokens-per-sample", str(size["tokens_per_sample"]),
                                "--context-window", str(size["tokens_per_sample"] // 2), "--batch-size", "8"],
                               eval_log_path)
@@ -198,12 +196,12 @@ def main(argv=None):
         print(f"|     {t}: test perplexity {ppl}", flush=True)
 
     print("| collapse analysis of the trained checkpoints (valid split)", flush=True)
-    a_args = analyze_collapse.get_parser().parse_args(
+    a_args = collapse_analysis.get_parser().parse_args(
         ["--checkpoint", *checkpoints, "--data-bin", data_bin, "--split", "valid",
          "--batch-size", str(args.analysis_batch), "--out-prefix", os.path.join(out, "collapse")])
-    rows = analyze_collapse.run(a_args)
-    analyze_collapse.write_csv(rows, os.path.join(out, "collapse.csv"))
-    analyze_collapse.plot(rows, os.path.join(out, "collapse.png"),
+    rows = collapse_analysis.run(a_args)
+    collapse_analysis.write_csv(rows, os.path.join(out, "collapse.csv"))
+    collapse_analysis.plot(rows, os.path.join(out, "collapse.png"),
                           title=f"trained {size['layers']}-layer LMs ({'small' if args.small else 'full'} size), valid batch")
     last = {r["attention_type"]: r for r in rows if int(r["layer"]) == size["layers"]}
     for r in results:

@@ -18,9 +18,10 @@ import re
 import statistics
 import sys
 
-from common import (REPO, USER_DIR, RecipeError, env, env_args, env_int, fairseq_cli, is_done, log_records,
-                    mark_done, read_generate_output, run_cli, say, training_progress)
-from recipes import RECIPES, prepare_for
+from gpam_fairseq.fairseq_tools import REPO_ROOT, USER_DIR, fairseq_cli, log_records, read_generate_output, say
+from gpam_fairseq.recipes.common import (RecipeError, env, env_args, env_int, is_done, mark_done, run_cli,
+                                         training_progress)
+from gpam_fairseq.recipes.definitions import RECIPES, prepare_for
 
 ENV_HELP = __doc__.split("\n\n", 1)[1]
 
@@ -41,14 +42,14 @@ class Settings:
             raise RecipeError(f"MODEL={self.model!r}: use baseline, gpam or an --attention-type value")
         self.seed = env_int("SEED", 1)
         sub = [r.name] + ([self.setup] if self.setup else [])
-        self.data_dir = os.path.abspath(env("DATA_DIR", os.path.join(REPO, "data", *sub)))
+        self.data_dir = os.path.abspath(env("DATA_DIR", os.path.join(REPO_ROOT, "data", *sub)))
         self.prepared = os.path.join(self.data_dir, "prepared")
         self.data_bin = os.path.join(self.data_dir, "data-bin")
         parts = [self.model, self.size_name] + ([self.direction] if len(r.directions) > 1 else [])
         parts += [f"{self.ln}ln"] if self.ln else []
         self.run_name = env("RUN_NAME", "_".join(parts + [f"seed{self.seed}"]))
-        self.save_dir = os.path.join(os.path.abspath(env("SAVE_DIR", os.path.join(REPO, "checkpoints", *sub))), self.run_name)
-        self.run_dir = os.path.join(os.path.abspath(env("RUNS_DIR", os.path.join(REPO, "runs", *sub))), self.run_name)
+        self.save_dir = os.path.join(os.path.abspath(env("SAVE_DIR", os.path.join(REPO_ROOT, "checkpoints", *sub))), self.run_name)
+        self.run_dir = os.path.join(os.path.abspath(env("RUNS_DIR", os.path.join(REPO_ROOT, "runs", *sub))), self.run_name)
 
     @staticmethod
     def _choice(name, allowed, default=None):
@@ -93,7 +94,7 @@ def stage_prepare(s, argv):
     if is_done(s.prepared, "prepare"):
         say(f"[prepare] already done: {s.prepared} (FORCE=1 redoes it)")
         return
-    from recipe_data import Sources
+    from gpam_fairseq.recipes.preparation import Sources
 
     say(f"[prepare] {s.recipe.name}{' (' + s.setup + ')' if s.setup else ''} -> {s.prepared}")
     sources = Sources(os.path.join(s.data_dir, "orig"), args.archive, args.raw_dir)
@@ -184,10 +185,12 @@ def _checkpoint(s):
         return best, "checkpoint_best.pt"
     n = min(n, len(epochs))
     out = os.path.join(s.save_dir, f"checkpoint.avg{n}.pt")
-    sys.path.insert(0, os.path.join(REPO, "scripts"))
-    import average_checkpoints
+    from gpam_fairseq.checkpoint_averaging import CheckpointAveragingError, average_and_save, last_n_checkpoints
 
-    average_checkpoints.main(["--inputs", s.save_dir, "--num-epoch-checkpoints", str(n), "--output", out])
+    try:
+        average_and_save(last_n_checkpoints(s.save_dir, n, update_based=False), out)
+    except CheckpointAveragingError as err:
+        raise RecipeError(f"AVERAGE={n}: {err}") from None
     return out, f"average of the last {n} epoch checkpoints"
 
 
@@ -199,7 +202,7 @@ def compound_split(line):
 def evaluate_translation(s, ckpt, result):
     from sacrebleu.metrics import BLEU, CHRF
 
-    import text
+    from gpam_fairseq.recipes import text
 
     log = run_cli("fairseq-generate",
                   [fairseq_cli("fairseq-generate"), s.data_bin, "--user-dir", USER_DIR, "--task", "translation",

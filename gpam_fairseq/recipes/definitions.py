@@ -8,7 +8,7 @@ is shared, so baseline and daGPAM runs differ only in the attention.
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Tuple
 
-import recipe_data as prep
+from gpam_fairseq.recipes import preparation as prep
 
 ADAM = ["--optimizer", "adam", "--adam-betas", "(0.9, 0.98)"]
 LABEL_SMOOTHED = ["--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1"]

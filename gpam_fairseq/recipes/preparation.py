@@ -13,8 +13,8 @@ import shutil
 import tarfile
 import zipfile
 
-import text
-from common import RecipeError, download, env_int, say
+from gpam_fairseq.recipes import text
+from gpam_fairseq.recipes.common import RecipeError, download, env_int, say
 
 
 class Sources:

@@ -3,18 +3,11 @@
 import json
 import os
 import shlex
-import sys
 import time
 import urllib.request
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(os.path.dirname(HERE))
-USER_DIR = os.path.join(REPO, "gpam_fairseq")
-sys.path.insert(0, os.path.join(REPO, "examples", "quickstart"))
-
-from demo import (  # noqa: E402,F401  (one runner and one parser for fairseq's CLIs and logs)
-    fairseq_cli, log_records, read_generate_output, run_logged, say)
-from demo import training_progress as _demo_progress  # noqa: E402
+from gpam_fairseq.fairseq_tools import run_logged, say
+from gpam_fairseq.fairseq_tools import training_progress as _demo_progress
 
 
 class RecipeError(RuntimeError):

@@ -10,7 +10,7 @@ import os
 import re
 import unicodedata
 
-from common import Progress, env_int, say
+from gpam_fairseq.recipes.common import Progress, env_int, say
 
 _worker = {}
 
