@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from gpam_fairseq.attention.functional import restored_rng, rng_state
+
 aten = torch.ops.aten
 
 # Not views by their schema, but they launch no kernel either: allocation and metadata.
@@ -163,7 +165,7 @@ class _FusedAttention(torch.autograd.Function):
         counter.record(SDPA_FORWARD)
         ctx.counter = counter
         ctx.options = dict(dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
-        ctx.rng = _rng_state(q.device) if dropout_p > 0 else None
+        ctx.rng = rng_state(q.device) if dropout_p > 0 else None
         if isinstance(attn_mask, torch.Tensor) and attn_mask.dtype == torch.bool:
             counter.record("boolean_mask_to_bias")  # SDPA turns a boolean mask into a float one first
         with counter.quiet():
@@ -184,7 +186,7 @@ class _FusedAttention(torch.autograd.Function):
         q, k, v = ctx.saved_tensors[:3]
         attn_mask = ctx.saved_tensors[5] if ctx.has_mask else None
         needs = ctx.needs_input_grad[1:4]
-        with counter.quiet(), torch.enable_grad(), _restored_rng(q.device, ctx.rng):
+        with counter.quiet(), torch.enable_grad(), restored_rng(q.device, ctx.rng):
             inputs = [t.detach().requires_grad_(n) for t, n in zip((q, k, v), needs)]
             out = F.scaled_dot_product_attention(*inputs, attn_mask, **ctx.options)
             wanted = [t for t in inputs if t.requires_grad]
@@ -212,25 +214,6 @@ def _laid_out_like(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     order = sorted(range(like.dim()), key=lambda i: (-like.stride(i), i))
     shaped = torch.empty([x.size(i) for i in order], dtype=x.dtype, device=x.device)
     return shaped.permute([order.index(i) for i in range(x.dim())]).copy_(x)
-
-
-def _rng_state(device: torch.device):
-    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
-
-
-@contextmanager
-def _restored_rng(device: torch.device, state):
-    """Replay the forward's dropout masks in the recomputation (as the fused kernel does)."""
-    if state is None:
-        yield
-        return
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        if device.type == "cuda":
-            torch.cuda.set_rng_state(state, device)
-        else:
-            torch.set_rng_state(state)
-        yield
 
 
 @contextmanager

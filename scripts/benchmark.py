@@ -169,9 +169,21 @@ def build_model(shape: Shape, arch: str, extra: Sequence[str] = ()):
     return model, model.decoder.dictionary
 
 
+# The ops level measures daGPAM both ways: keeping its fused attention's tensors for the
+# backward pass, and recomputing them there (--gpam-recompute-attention).
+RECOMPUTED = "dagpam-recompute"
+
+
+def variant_flags(variant: str) -> tuple:
+    """The flags of a variant of the ops level: an attention type, or daGPAM recomputed."""
+    if variant == RECOMPUTED:
+        return ("--attention-type", "dagpam", "--gpam-recompute-attention")
+    return ("--attention-type", variant)
+
+
 def model_arms(shape: Shape, types: Sequence[str]) -> List[Tuple[str, str, tuple]]:
     """(variant name, architecture, extra flags): stock first, then each attention type."""
-    return [("stock", shape.stock_arch, ())] + [(n, shape.gpam_arch, ("--attention-type", n)) for n in types]
+    return [("stock", shape.stock_arch, ())] + [(n, shape.gpam_arch, variant_flags(n)) for n in types]
 
 
 def nmt_batch(batch: int, length: int, dictionary, device, gen: torch.Generator):
@@ -225,7 +237,9 @@ def attention_module(variant: str, role: str, embed_dim: int, heads: int, dropou
     if variant == "stock":
         return MultiheadAttention(embed_dim, heads, dropout=dropout, **kwargs)
     ours = {"enc_self": "enc_self", "cross": "cross", "beam_cross": "cross"}.get(role, "dec_self")
-    return build_attention(ours, GPAMOptions(attention_type=variant), embed_dim, heads, dropout=dropout, **kwargs)
+    options = GPAMOptions(attention_type="dagpam", recompute_attention=True) if variant == RECOMPUTED else (
+        GPAMOptions(attention_type=variant))
+    return build_attention(ours, options, embed_dim, heads, dropout=dropout, **kwargs)
 
 
 def module_pass(variant: str, role: str, device) -> Tuple[Callable[[], torch.Tensor], torch.nn.Module, bool]:
@@ -304,8 +318,10 @@ def with_ratios(group: List[dict]) -> List[dict]:
     return group
 
 
-def ops_level(pairs: Sequence[Shape], device, variants: Sequence[str]) -> List[dict]:
-    """The ops rows: every role's module, then every pair's whole training step."""
+def ops_level(pairs: Sequence[Shape], device, types: Sequence[str]) -> List[dict]:
+    """The ops rows: every role's module, then every pair's whole training step; daGPAM twice,
+    keeping and recomputing its attention for the backward pass."""
+    variants = [v for t in types for v in ((t, RECOMPUTED) if t == "dagpam" else (t,))]
     rows: List[dict] = []
     for role in ROLES:
         path = "beam step" if role.startswith("beam") else "module"

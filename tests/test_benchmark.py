@@ -26,7 +26,8 @@ def ops_rows(tmp_path_factory):
 
 def test_ops_level_rows_and_csv(ops_rows):
     rows, out = ops_rows
-    want = {(shape, v) for shape in (*benchmark.ROLES, *benchmark.OPS_PAIRS) for v in ("stock", "softmax", "dagpam")}
+    want = {(shape, v) for shape in (*benchmark.ROLES, *benchmark.OPS_PAIRS)
+            for v in ("stock", "softmax", "dagpam", benchmark.RECOMPUTED)}
     assert set(rows) == want
     for r in rows.values():
         assert r["note"] == "" and r["kernels"] > 0 and r["kernels_forward"] > 0
@@ -59,8 +60,11 @@ def test_training_step_kernel_budget(ops_rows, pair):
 @pytest.mark.parametrize("pair", ["iwslt", "wmt_big"])
 def test_training_step_saved_bytes_budget(ops_rows, pair):
     rows, _ = ops_rows
-    stock, dagpam = rows[(pair, "stock")], rows[(pair, "dagpam")]
+    stock, dagpam, recomputed = rows[(pair, "stock")], rows[(pair, "dagpam")], rows[(pair, benchmark.RECOMPUTED)]
     assert dagpam["saved_mib"] <= STEP_SAVED_DAGPAM * stock["saved_mib"], (dagpam, stock)
+    # recomputing the attention in the backward pass: less than keeping it, in both currencies
+    assert recomputed["saved_mib"] < dagpam["saved_mib"] and recomputed["kernels"] > dagpam["kernels"]
+    assert recomputed["kernels"] <= STEP_KERNELS_DAGPAM * stock["kernels"]
 
 
 def expected_rows(dtype):
@@ -99,7 +103,7 @@ def test_quick_run_writes_every_row_csv_markdown_and_png(tmp_path, capsys):
     ops = [r for r in rows if r["level"] == "ops"]
     timed = [r for r in rows if r["level"] != "ops"]
     assert {(r["shape"], r["variant"]) for r in ops} == {
-        (s, v) for s in (*benchmark.ROLES, *benchmark.OPS_PAIRS) for v in ("stock", *MECHANISMS)}
+        (s, v) for s in (*benchmark.ROLES, *benchmark.OPS_PAIRS) for v in ("stock", *MECHANISMS, benchmark.RECOMPUTED)}
     assert all(r["note"] == "" and r["kernels"] > 0 for r in ops)
     check_timed_rows(timed, expected_rows("fp32"))
     progress = capsys.readouterr().out

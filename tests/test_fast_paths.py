@@ -9,6 +9,7 @@ incremental decoding. Each is checked in float64 on random inputs against a refe
 that is written out head by head and row by row.
 """
 
+import dataclasses
 import math
 
 import pytest
@@ -509,3 +510,30 @@ def test_counter_skips_views_counts_dropout_as_one_kernel_and_saved_bytes():
     w = torch.nn.Parameter(torch.randn(6, 3))
     counter = count_pass(lambda: x @ w, exclude=[w])
     assert counter.saved_bytes == x.numel() * 4  # x for the weight gradient; the parameter not
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+@pytest.mark.parametrize("trainable", [False, True])
+def test_recomputed_attention_equals_the_kept_one_and_keeps_less(dropout_p, trainable):
+    """--gpam-recompute-attention: the same outputs and gradients (dropout masks drawn again
+    from the same state), with fewer bytes kept for the backward pass."""
+    opts = GPAMOptions(attention_type="dagpam", lambda_pos=LP, lambda_neg=LN, neg_query_init="random",
+                       trainable_lambda=trainable)
+    results = []
+    for recompute in (False, True):
+        torch.manual_seed(16)
+        module = build_attention("enc_self", dataclasses.replace(opts, recompute_attention=recompute), E, H,
+                                 self_attention=True, dropout=dropout_p).double().train()
+        g = torch.Generator().manual_seed(17)
+        x = torch.randn(T, B, E, generator=g, dtype=torch.float64, requires_grad=True)
+        kpm = torch.zeros(B, T, dtype=torch.bool)
+        kpm[1, :2] = True
+        torch.manual_seed(18)
+        counter = count_pass(lambda: module(x, x, x, key_padding_mask=kpm, need_weights=False)[0],
+                             exclude=module.parameters())
+        results.append((counter, [x.grad] + [p.grad for p in module.parameters()]))
+    (kept, grads_kept), (recomputed, grads_recomputed) = results
+    for a, b in zip(grads_kept, grads_recomputed):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+    assert recomputed.saved_bytes < kept.saved_bytes
+    assert recomputed.ops["backward"]["fused_attention_forward"] == 1  # the one more call

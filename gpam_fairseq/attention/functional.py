@@ -390,7 +390,7 @@ class _SignedCombination(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, pair, alpha, beta, rows_to_zero, order):
+    def forward(ctx, pair, alpha, beta, rows_to_zero, order, rebuildable=True):
         a, b = (t.permute(order) for t in pair.unbind(2))
         out = torch.empty(a.shape, dtype=a.dtype, device=a.device)  # contiguous in ``order``
         ctx.fixed = not (isinstance(alpha, Tensor) or isinstance(beta, Tensor))
@@ -411,8 +411,8 @@ class _SignedCombination(torch.autograd.Function):
             torch.addcmul(a.to(acc) * alpha_, b.to(acc), beta_, out=out)
             saved = (pair,) + heads
             ctx.lambda_shapes = tuple(x.shape if isinstance(x, Tensor) else None for x in (alpha, beta))
-        # the result can be rebuilt from ``pair`` (see recomputed_instead_of_saved)
-        out.gpam_recompute = (pair.detach(), alpha, beta, rows_to_zero, order)
+        if rebuildable:  # the result can be rebuilt from ``pair`` (see recomputed_instead_of_saved)
+            out.gpam_recompute = (pair.detach(), alpha, beta, rows_to_zero, order)
         out = out.permute(inverse_permutation(order))
         if rows_to_zero is not None:
             out.masked_fill_(rows_to_zero, 0.0)
@@ -443,7 +443,7 @@ class _SignedCombination(torch.autograd.Function):
                 grad_alpha = _reduce_to(per_half[:, :, 0], shape_alpha)
             if ctx.needs_input_grad[2]:
                 grad_beta = _reduce_to(per_half[:, :, 1], shape_beta)
-        return grad_pair, grad_alpha, grad_beta, None, None
+        return grad_pair, grad_alpha, grad_beta, None, None, None
 
 
 def _rebuild(recipe) -> Tensor:
@@ -545,13 +545,15 @@ def _tensor_identity(t: Tensor) -> tuple:
 
 
 def signed_combination(
-    pair: Tensor, lambda_pos: Lambda, lambda_neg: Lambda, rows_to_zero: Optional[Tensor] = None, order=None
+    pair: Tensor, lambda_pos: Lambda, lambda_neg: Lambda, rows_to_zero: Optional[Tensor] = None, order=None,
+    rebuildable: bool = True,
 ) -> Tensor:
     """(1 + lambda+) pair[:, :, 0] - lambda- pair[:, :, 1], with ``rows_to_zero`` set to 0; see
     :class:`_SignedCombination`. ``order``: the memory order of the result (default: that
-    of the first half)."""
+    of the first half). ``rebuildable``: the result carries what rebuilds it from ``pair``
+    (:func:`recomputed_instead_of_saved`), which keeps ``pair`` alive as long as the result."""
     order = physical_order(pair[:, :, 0]) if order is None else order
-    return _SignedCombination.apply(pair, 1.0 + lambda_pos, -lambda_neg, rows_to_zero, order)
+    return _SignedCombination.apply(pair, 1.0 + lambda_pos, -lambda_neg, rows_to_zero, order, rebuildable)
 
 
 def signed_sum(pos: Tensor, neg: Tensor, lambda_pos: Lambda, lambda_neg: Lambda) -> Tensor:
@@ -608,9 +610,11 @@ def dagpam_attention(
     bias: Union[Mask, Tensor, None] = None,
     dropout_p: float = 0.0,
     need_weights: bool = False,
+    recompute: bool = False,
 ) -> Tuple[Tensor, Optional[Tensor]]:
     """daGPAM attention: returns (output, P_G or None). ``bias``: a :class:`Mask`, or an
-    additive mask tensor.
+    additive mask tensor. ``recompute``: keep only q, k, v for the backward pass and run the
+    fused path again there (:class:`_RecomputedAttention`).
 
     Without weights the two maps are never built: both query sets go through **one** fused
     kernel call over the shared K and V (:func:`stack_queries`): on the head axis with
@@ -635,6 +639,19 @@ def dagpam_attention(
             mixed = p_g
         return (mixed.to(v.dtype) @ v), p_g
 
+    if recompute and torch.is_grad_enabled():
+        out = _RecomputedAttention.apply(q, k, v, w_q_neg, lambda_pos, lambda_neg, mask, dropout_p)
+    else:
+        out = fused_dagpam(q, k, v, w_q_neg, lambda_pos, lambda_neg, mask, dropout_p)
+    return out, None
+
+
+def fused_dagpam(
+    q: Tensor, k: Tensor, v: Tensor, w_q_neg: Tensor, lambda_pos: Lambda, lambda_neg: Lambda, mask: Mask,
+    dropout_p: float, rebuildable: bool = True,
+) -> Tensor:
+    """The fused path of :func:`dagpam_attention`: both query sets in one kernel call, then
+    the signed combination (rebuildable: see :func:`recomputed_instead_of_saved`)."""
     heads = q.size(1)
     if mask.causal and can_share_kv_heads(q, k, v, dropout_p):
         both = fused_attention(query_pair(q, w_q_neg, on_heads=True), k, v, None, dropout_p, causal=True, gqa=True)
@@ -644,7 +661,58 @@ def dagpam_attention(
         stacked = Mask(mask.dense_bias(q, k)).stacked_bias() if mask.causal else mask.stacked_bias()
         both = fused_attention(query_pair(q, w_q_neg, on_heads=False), k, v, stacked, dropout_p)
         pair = both.unflatten(2, (2, q.size(2)))
-    return signed_combination(pair, lambda_pos, lambda_neg, mask.empty_rows, physical_order(q)), None
+    return signed_combination(pair, lambda_pos, lambda_neg, mask.empty_rows, physical_order(q), rebuildable)
+
+
+class _RecomputedAttention(torch.autograd.Function):
+    """:func:`fused_dagpam` keeping nothing for the backward pass but its inputs (q, k, v are
+    kept by their projections' buffers anyway): the backward pass runs it again, with the
+    forward pass's random state (the same dropout masks), and differentiates that. Saves the
+    stacked queries, the two outputs and their log-sum-exps per layer for one more fused
+    forward call (``--gpam-recompute-attention``)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, w, lambda_pos, lambda_neg, mask, dropout_p):
+        ctx.rng = rng_state(q.device) if dropout_p > 0 else None
+        ctx.mask, ctx.dropout_p = mask, dropout_p
+        ctx.floats = tuple(None if isinstance(x, Tensor) else x for x in (lambda_pos, lambda_neg))
+        ctx.save_for_backward(q, k, v, w, *(x for x in (lambda_pos, lambda_neg) if isinstance(x, Tensor)))
+        return fused_dagpam(q, k, v, w, lambda_pos, lambda_neg, mask, dropout_p, rebuildable=False)
+
+    @staticmethod
+    def backward(ctx, grad):
+        saved = list(ctx.saved_tensors)
+        q, k, v, w = saved[:4]
+        tensors = iter(saved[4:])
+        lambdas = [next(tensors) if f is None else f for f in ctx.floats]
+        needs = ctx.needs_input_grad[:6]
+        with torch.enable_grad(), restored_rng(q.device, ctx.rng):
+            inputs = [t.detach().requires_grad_(n) if isinstance(t, Tensor) else t
+                      for t, n in zip([q, k, v, w, *lambdas], needs)]
+            out = fused_dagpam(*inputs[:6], ctx.mask, ctx.dropout_p, rebuildable=False)
+            wanted = [t for t, n in zip(inputs, needs) if n and isinstance(t, Tensor)]
+            grads = iter(torch.autograd.grad(out, wanted, grad))
+        return (*(next(grads) if n and isinstance(t, Tensor) else None for t, n in zip(inputs, needs)), None, None)
+
+
+def rng_state(device: torch.device):
+    """The random state that dropout on ``device`` draws from (a host copy: no device sync)."""
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+@contextmanager
+def restored_rng(device: torch.device, state):
+    """Draw again from ``state`` inside (the same dropout masks); the random state outside is
+    left as it was."""
+    if state is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        if device.type == "cuda":
+            torch.cuda.set_rng_state(state, device)
+        else:
+            torch.set_rng_state(state)
+        yield
 
 
 # ----------------------------------------------------------------------------- alternatives
