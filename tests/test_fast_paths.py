@@ -251,8 +251,12 @@ def test_cuda_paths_match_reference_and_never_synchronize(dtype):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: run on a GPU machine")
-@pytest.mark.parametrize("role", ["enc_self", "dec_self", "cross"])
+@pytest.mark.parametrize("role", ["enc_self", "dec_self", "dec_self_marked", "cross"])
 def test_cuda_module_matches_cpu_float64_and_never_synchronizes(role):
+    """dec_self_marked: fairseq's future mask as our decoder marks it (the causal path without
+    padding, the prefix rule for rows without keys with padding)."""
+    marked = role == "dec_self_marked"
+    role = "dec_self" if marked else role
     module = dagpam_module(role, seed=8)
     g = torch.Generator().manual_seed(9)
     x = torch.randn(T, B, E, generator=g, dtype=torch.float64)
@@ -265,6 +269,8 @@ def test_cuda_module_matches_cpu_float64_and_never_synchronizes(role):
     want = [module(x, key, key, key_padding_mask=kpm, need_weights=nw, **extra)[0] for nw in (False, True)]
     gpu = module.float().cuda()
     args = dict(key_padding_mask=kpm.cuda(), **{n: (t.float().cuda() if torch.is_tensor(t) else t) for n, t in extra.items()})
+    if marked:
+        args["attn_mask"] = mark_causal(args["attn_mask"])
     xq, xk = x.float().cuda().requires_grad_(True), key.float().cuda()
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")

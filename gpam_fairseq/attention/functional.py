@@ -73,8 +73,8 @@ def masked_softmax(scores: Tensor) -> Tensor:
 def scalar(value: float, dtype: torch.dtype, device: torch.device) -> Tensor:
     """A 0-dim tensor, made once per value, dtype and device (an operand that costs no kernel)."""
     key = (value, dtype, device)
-    if key not in _SCALARS:
-        _SCALARS[key] = torch.tensor(value, dtype=dtype).to(device)
+    if key not in _SCALARS:  # a fill on the device: no copy from the host, no synchronisation
+        _SCALARS[key] = torch.full((), value, dtype=dtype, device=device)
     return _SCALARS[key]
 
 
@@ -530,7 +530,9 @@ def _pair_coefficients(
     key = (alpha, beta, dtype, device, None if rows_to_zero is None else _tensor_identity(rows_to_zero))
     entry = _COEFFICIENTS.get(key)
     if entry is None:
-        coefficients = torch.tensor([alpha, beta], dtype=dtype).view(1, 1, 2, 1, 1).to(device)
+        # fills on the device: no copy from the host, no synchronisation
+        coefficients = torch.full((1, 1, 2, 1, 1), beta, dtype=dtype, device=device)
+        coefficients[:, :, :1].fill_(alpha)
         if rows_to_zero is not None:
             coefficients = coefficients.masked_fill(rows_to_zero.unsqueeze(2), 0.0)
         entry = _COEFFICIENTS[key] = (coefficients, rows_to_zero)  # keeps rows_to_zero's address taken
