@@ -242,8 +242,9 @@ def attention_module(variant: str, role: str, embed_dim: int, heads: int, dropou
     return build_attention(ours, options, embed_dim, heads, dropout=dropout, **kwargs)
 
 
-def module_pass(variant: str, role: str, device) -> Tuple[Callable[[], torch.Tensor], torch.nn.Module, bool]:
-    """(forward returning the output, module, whether to run a backward pass) of one role.
+def module_pass(variant: str, role: str, device) -> Tuple[Callable[[], torch.Tensor], torch.nn.Module, bool, list]:
+    """(forward returning the output, module, whether to run a backward pass, the input
+    leaves that get a gradient) of one role.
 
     Training roles run as fairseq's layers call them (training mode, attention dropout);
     beam roles run one incremental step after ``prefix`` steps have filled the cache, with
@@ -272,36 +273,39 @@ def module_pass(variant: str, role: str, device) -> Tuple[Callable[[], torch.Ten
             for t in range(steps):
                 step(rand(1, hyps, E), t == 0)
         x = rand(1, hyps, E)
-        return (lambda: step(x, False)), module, False
+        return (lambda: step(x, False)), module, False, []
     module.train()
     x = rand(T, B, E).requires_grad_(True)
     if role == "cross":
         memory = rand(S, B, E).requires_grad_(True)
         pad = (torch.arange(S).unsqueeze(0) < (S - padded_lengths(B, S, gen)).unsqueeze(1)).to(device)
-        return (lambda: module(x, memory, memory, key_padding_mask=pad, static_kv=True, need_weights=False)[0]), module, True
+        return (lambda: module(x, memory, memory, key_padding_mask=pad, static_kv=True, need_weights=False)[0]), module, True, [x, memory]
     lengths = padded_lengths(B, T, gen)
     if role == "enc_self":  # left padding, as fairseq's source side
         pad = (torch.arange(T).unsqueeze(0) < (T - lengths).unsqueeze(1)).to(device)
-        return (lambda: module(x, x, x, key_padding_mask=pad, need_weights=False)[0]), module, True
+        return (lambda: module(x, x, x, key_padding_mask=pad, need_weights=False)[0]), module, True, [x]
     mask = future_mask(T, x.dtype, device)
     pad = (torch.arange(T).unsqueeze(0) >= lengths.unsqueeze(1)).to(device) if role == "dec_self_pad" else None
-    return (lambda: module(x, x, x, key_padding_mask=pad, attn_mask=mask, need_weights=False)[0]), module, True
+    return (lambda: module(x, x, x, key_padding_mask=pad, attn_mask=mask, need_weights=False)[0]), module, True, [x]
 
 
 def count_row(shape: str, variant: str, path: str, run) -> dict:
-    """Count one pass; ``run()`` returns (forward, excluded parameters, backward or not)."""
+    """Count one pass; ``run()`` returns (forward, parameters (excluded from the saved bytes),
+    whether to run a backward pass, input leaves that get a gradient)."""
     from gpam_fairseq.attention.multihead import clear_mask_cache
     from gpam_fairseq.profiling import count_pass
 
     note = ""
     try:
-        forward, params, backward = run()
+        forward, params, backward, leaves = run()
         # one pass first: what is made once per process (constants on the device) is not a
         # cost of the pass; then every row pays for its masks, as the first layer of a stack does
         with torch.set_grad_enabled(backward):
             out = forward()
             if backward:
                 out.float().sum().backward()
+        for leaf in params + leaves:  # fairseq's zero_grad sets None: no gradient to add to
+            leaf.grad = None
         clear_mask_cache()
         counter = count_pass(forward, exclude=params, backward=backward)
         counts = (counter.kernels_forward, counter.kernels_backward, counter.kernels, counter.host_syncs,
@@ -333,8 +337,8 @@ def ops_level(pairs: Sequence[Shape], device, types: Sequence[str]) -> List[dict
         path = "beam step" if role.startswith("beam") else "module"
 
         def run(variant=None, role=role):
-            forward, module, backward = module_pass(variant, role, device)
-            return forward, list(module.parameters()), backward
+            forward, module, backward, leaves = module_pass(variant, role, device)
+            return forward, list(module.parameters()), backward, leaves
 
         group = [count_row(role, v, path, lambda v=v: run(v)) for v in ("stock", *variants)]
         rows += with_ratios(group)
@@ -348,7 +352,7 @@ def ops_level(pairs: Sequence[Shape], device, types: Sequence[str]) -> List[dict
                 model, dictionary = build_model(shape, arch, extra)
                 model = model.to(device).train()
                 loss, _ = training_loss(model, shape, batch, length, dictionary, device, torch.Generator().manual_seed(1))
-                return loss, list(model.parameters()), True
+                return loss, list(model.parameters()), True, []
 
             group.append(count_row(shape.name, variant, "train step", run))
         rows += with_ratios(group)

@@ -530,11 +530,13 @@ def _pair_coefficients(
     key = (alpha, beta, dtype, device, None if rows_to_zero is None else _tensor_identity(rows_to_zero))
     entry = _COEFFICIENTS.get(key)
     if entry is None:
-        # fills on the device: no copy from the host, no synchronisation
-        coefficients = torch.full((1, 1, 2, 1, 1), beta, dtype=dtype, device=device)
-        coefficients[:, :, :1].fill_(alpha)
-        if rows_to_zero is not None:
-            coefficients = coefficients.masked_fill(rows_to_zero.unsqueeze(2), 0.0)
+        if rows_to_zero is None:
+            # fills on the device: no copy from the host, no synchronisation
+            coefficients = torch.full((1, 1, 2, 1, 1), beta, dtype=dtype, device=device)
+            coefficients[:, :, :1].fill_(alpha)
+        else:
+            plain = _pair_coefficients(alpha, beta, dtype, device, None)
+            coefficients = plain.masked_fill(rows_to_zero.unsqueeze(2), 0.0)
         entry = _COEFFICIENTS[key] = (coefficients, rows_to_zero)  # keeps rows_to_zero's address taken
         while len(_COEFFICIENTS) > 16:
             _COEFFICIENTS.popitem(last=False)
@@ -654,14 +656,16 @@ def fused_dagpam(
 ) -> Tensor:
     """The fused path of :func:`dagpam_attention`: both query sets in one kernel call, then
     the signed combination (rebuildable: see :func:`recomputed_instead_of_saved`)."""
-    heads = q.size(1)
+    # fairseq's future mask without padding: no mask tensor, is_causal (FlashAttention's path);
+    # heads 2h, 2h+1 hold Q+, Q- of head h, and grouped-query attention reads K, V head h for both
     if mask.causal and can_share_kv_heads(q, k, v, dropout_p):
         both = fused_attention(query_pair(q, w_q_neg, on_heads=True), k, v, None, dropout_p, causal=True, gqa=True)
-        pair = both.unflatten(1, (heads, 2))
+        pair = both.unflatten(1, (q.size(1), 2))
+    # otherwise Q+ above Q- on the query axis: a mask that does not depend on the query
+    # broadcasts (a causal mask, where no fused kernel takes grouped-query heads, is a tensor)
     else:
-        # the query axis: a causal mask without grouped-query support becomes a tensor
-        stacked = Mask(mask.dense_bias(q, k)).stacked_bias() if mask.causal else mask.stacked_bias()
-        both = fused_attention(query_pair(q, w_q_neg, on_heads=False), k, v, stacked, dropout_p)
+        bias = Mask(mask.dense_bias(q, k)).stacked_bias() if mask.causal else mask.stacked_bias()
+        both = fused_attention(query_pair(q, w_q_neg, on_heads=False), k, v, bias, dropout_p)
         pair = both.unflatten(2, (2, q.size(2)))
     return signed_combination(pair, lambda_pos, lambda_neg, mask.empty_rows, physical_order(q), rebuildable)
 
