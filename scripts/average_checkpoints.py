@@ -44,7 +44,7 @@ def average_checkpoints(paths):
     import torch
     from omegaconf import OmegaConf
 
-    from gpam_fairseq.checkpoints import load_state
+    from gpam_fairseq.checkpoints import CheckpointError, load_state
 
     sums, keys, new_state = collections.OrderedDict(), None, None
     for i, path in enumerate(paths):
@@ -56,7 +56,7 @@ def average_checkpoints(paths):
         if keys is None:
             keys = list(params)
         elif list(params) != keys:
-            raise SystemExit(f"{path}: its parameter names differ from {paths[0]}'s; average checkpoints of one run")
+            raise CheckpointError(f"{path}: its parameter names differ from {paths[0]}'s; average checkpoints of one run")
         for k in keys:
             p = params[k]
             p = p.float() if p.dtype == torch.float16 else p
@@ -89,6 +89,8 @@ def main(argv=None):
     else:
         paths = args.inputs
         for p in paths:
+            if not os.path.exists(p):
+                parser.error(f"--inputs {p}: no such file")
             if not os.path.isfile(p):
                 parser.error(f"--inputs {p}: not a checkpoint file (a folder needs --num-epoch-checkpoints N)")
     print(f"averaging {len(paths)} checkpoints -> {args.output}", flush=True)

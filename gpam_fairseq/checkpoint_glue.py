@@ -1,0 +1,168 @@
+"""Thin wrappers around ``fairseq.checkpoint_utils``, installed when gpam_fairseq is imported.
+
+fairseq's console scripts load and save checkpoints through module attributes of
+``fairseq.checkpoint_utils`` (looked up at each call), so replacing those attributes is the one
+place where our plugin can take part. Every wrapper calls fairseq's function unchanged; it
+only adds, around it:
+
+* ``load_checkpoint_to_cpu`` (every load: -generate, -eval-lm, -interactive, -train's resume,
+  ``from_pretrained``, our scripts): nothing when the load works. When it fails and the file is
+  to blame (missing, empty, truncated, not a torch checkpoint), :class:`~gpam_fairseq.checkpoints.
+  CheckpointError` names the file and the fault instead of torch's ``OSError: [Errno 22]`` or
+  ``IndexError: pop from empty list``; torch's weights_only refusal becomes the one-line
+  :class:`~gpam_fairseq.checkpoints.CheckpointRefused`. The allowlist is torch's, untouched.
+* ``load_model_ensemble_and_task`` (builds models from checkpoints): a missing file is our
+  error instead of fairseq's ``OSError: Model file not found``; a model that no loaded code
+  registers, or that cannot serve the run's task (a language model given to a translation
+  task, which fairseq-generate would otherwise "translate" with), is named the same way.
+* ``torch_persistent_save`` and ``save_checkpoint`` (fairseq-train's saves): fairseq writes the
+  first file of a save to ``<name>.tmp`` and renames it, without fsync, then *copies* it onto
+  the others (``checkpoint_last.pt``, ``checkpoint_best.pt``) with ``shutil.copyfile``, in place:
+  a run killed during that copy leaves a truncated ``checkpoint_last.pt``, and the next run
+  cannot resume. Here every file of a save is written to ``<name>.tmp`` in the same folder,
+  fsynced, and moved over the old one with ``os.replace``: each name always holds a complete
+  checkpoint, the previous or the new one.
+"""
+
+import contextlib
+import functools
+import inspect
+import os
+import pickle
+import shutil
+
+import torch
+from fairseq import checkpoint_utils
+from fairseq.file_io import PathManager
+
+from gpam_fairseq.checkpoints import (
+    CheckpointError,
+    damaged_file_error,
+    model_name,
+    model_problem,
+    model_task_mismatch,
+    torch_refusal,
+    write_atomically,
+)
+
+
+def _local(path) -> bool:
+    return isinstance(path, str) and not PathManager.path_requires_pathmanager(path)
+
+
+def _diagnose_load(original):
+    @functools.wraps(original)
+    def load_checkpoint_to_cpu(path, *args, **kwargs):
+        try:
+            return original(path, *args, **kwargs)
+        except CheckpointError:
+            raise
+        except Exception as err:
+            if not _local(path):
+                raise
+            damaged = damaged_file_error(path, err)
+            if damaged is not None:
+                raise damaged from err
+            if isinstance(err, pickle.UnpicklingError):  # an intact file: torch's weights_only refusal
+                raise torch_refusal(path, err) from err
+            raise
+
+    return load_checkpoint_to_cpu
+
+
+def _diagnose_models(original):
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def load_model_ensemble_and_task(*args, **kwargs):
+        call = signature.bind(*args, **kwargs)
+        call.apply_defaults()
+        filenames, task = list(call.arguments["filenames"]), call.arguments["task"]
+        if call.arguments.get("state") is None:  # fairseq's own check, with our error
+            num_shards, suffix = call.arguments["num_shards"], call.arguments["suffix"]
+            for filename in filenames:
+                for shard in range(num_shards):
+                    path = checkpoint_utils.get_maybe_sharded_checkpoint_filename(filename, suffix, shard, num_shards)
+                    if not PathManager.exists(path):
+                        raise CheckpointError(f"{path}: no such file")
+        try:
+            ensemble, cfg, built_task = original(*call.args, **call.kwargs)
+        except CheckpointError:
+            raise
+        except Exception as err:
+            for filename in filenames:
+                problem = model_problem(filename, task) if _local(filename) else None
+                if problem is not None:
+                    raise CheckpointError(problem) from err
+            raise
+        for filename, model in zip(filenames, ensemble):
+            mismatch = model_task_mismatch(built_task, type(model), model_name(type(model)))
+            if mismatch is not None:
+                raise CheckpointError(f"{filename}: {mismatch}")
+        return ensemble, cfg, built_task
+
+    return load_model_ensemble_and_task
+
+
+def _atomic_save(original):
+    @functools.wraps(original)
+    def torch_persistent_save(obj, filename, async_write: bool = False):
+        if async_write or not _local(filename) or not PathManager.supports_rename(filename):
+            return original(obj, filename, async_write)
+        write_atomically(filename, lambda f: torch.save(obj, f))
+
+    return torch_persistent_save
+
+
+def atomic_copy(src_path: str, dst_path: str, overwrite: bool = False) -> bool:
+    """PathManager.copy for the copies of a save: through a temporary file, then os.replace."""
+    if not (_local(src_path) and _local(dst_path)):
+        return _ORIGINAL_COPY(src_path, dst_path, overwrite)
+    if not overwrite and os.path.exists(dst_path):
+        return False
+    with open(src_path, "rb") as src:
+        write_atomically(dst_path, lambda dst: shutil.copyfileobj(src, dst, 1 << 20))
+    return True
+
+
+_ORIGINAL_COPY = PathManager.copy
+_ORIGINAL_COPY_ATTRIBUTE = PathManager.__dict__["copy"]  # the staticmethod itself
+
+
+@contextlib.contextmanager
+def _atomic_copies():
+    PathManager.copy = staticmethod(atomic_copy)
+    try:
+        yield
+    finally:
+        PathManager.copy = _ORIGINAL_COPY_ATTRIBUTE
+
+
+def _atomic_copies_while_saving(original):
+    # fairseq keeps its best score on this function object (save_checkpoint.best), looked up
+    # through the module attribute, that is on this wrapper: the attribute stays consistent
+    @functools.wraps(original)
+    def save_checkpoint(*args, **kwargs):
+        with _atomic_copies():
+            return original(*args, **kwargs)
+
+    return save_checkpoint
+
+
+WRAPPERS = {
+    "load_checkpoint_to_cpu": _diagnose_load,
+    "load_model_ensemble_and_task": _diagnose_models,
+    "torch_persistent_save": _atomic_save,
+    "save_checkpoint": _atomic_copies_while_saving,
+}
+
+
+def install() -> None:
+    """Wrap fairseq's functions once (importing gpam_fairseq twice changes nothing)."""
+    for name, wrap in WRAPPERS.items():
+        current = getattr(checkpoint_utils, name)
+        if getattr(current, "__wrapped_by_gpam__", False):
+            continue
+        wrapper = wrap(current)
+        wrapper.__wrapped_by_gpam__ = True
+        setattr(checkpoint_utils, name, wrapper)
