@@ -22,11 +22,29 @@ only adds, around it:
   cannot resume. Here every file of a save is written to ``<name>.tmp`` in the same folder,
   fsynced, and moved over the old one with ``os.replace``: each name always holds a complete
   checkpoint, the previous or the new one.
+* ``load_checkpoint`` (fairseq-train's resume), two things that make a resumed run differ from
+  the run it continues:
+
+  - the batches. fairseq groups sentences into batches once, when the run creates its training
+    iterator, with the random order of ``ordered_indices`` under the seed ``--seed + epoch``,
+    and reuses that iterator, and those batches, for every later epoch (only their order is
+    shuffled anew each epoch). A run resumed in epoch E creates its iterator in epoch E, so
+    its batches group the sentences differently (ties between sentences of equal length fall
+    another way): from epoch 2 on, a resumed run trains on other batches. Here the resumed
+    run's batches are made as the uninterrupted run made them, in epoch 1, wherever fairseq
+    would have kept them (the iterator is reused: not sharded data, no --rebuild-batches,
+    no --update-epoch-batch-itr); the position in the epoch and the epoch's order are still
+    fairseq's, from the checkpoint.
+  - ``--max-update``: fairseq checks it only after an update, so a run restarted from the
+    checkpoint of its last update (killed after saving it, before exiting) would train one
+    update more than the run it continues. Such a run ends at once instead, saying so, with
+    exit status 0.
 """
 
 import contextlib
 import functools
 import inspect
+import logging
 import os
 import pickle
 import shutil
@@ -44,6 +62,9 @@ from gpam_fairseq.checkpoints import (
     torch_refusal,
     write_atomically,
 )
+
+
+logger = logging.getLogger(__name__)
 
 
 def _local(path) -> bool:
@@ -149,11 +170,55 @@ def _atomic_copies_while_saving(original):
     return save_checkpoint
 
 
+def _keeps_first_epoch_batches(trainer, dataset, kwargs) -> bool:
+    """Would fairseq-train reuse the iterator, and so the batches, it made in epoch 1?
+    (fairseq_cli/train.py with FairseqTask.get_batch_iterator's cache and rebuild_batches)"""
+    task = trainer.task
+    return (not kwargs.get("disable_iterator_cache", False) and not kwargs.get("update_epoch_batch_itr", False)
+            and task.can_reuse_epoch_itr(dataset) and not getattr(task.cfg, "rebuild_batches", False)
+            and not task.has_sharded_data(trainer.cfg.dataset.train_subset))
+
+
+@contextlib.contextmanager
+def _batches_made_in_epoch_1(trainer):
+    task = trainer.task
+    original = task.get_batch_iterator
+
+    def get_batch_iterator(*args, **kwargs):
+        dataset = kwargs["dataset"] if "dataset" in kwargs else args[0]
+        if kwargs.get("epoch", 1) > 1 and _keeps_first_epoch_batches(trainer, dataset, kwargs):
+            # the epoch itself comes from the checkpoint (EpochBatchIterator.load_state_dict)
+            kwargs["epoch"] = 1
+        return original(*args, **kwargs)
+
+    task.get_batch_iterator = get_batch_iterator
+    try:
+        yield
+    finally:
+        del task.get_batch_iterator  # the task's own method again
+
+
+def _exact_resume(original):
+    @functools.wraps(original)
+    def load_checkpoint(cfg, trainer, **passthrough_args):
+        with _batches_made_in_epoch_1(trainer):
+            extra_state, epoch_itr = original(cfg, trainer, **passthrough_args)
+        max_update = trainer.cfg.optimization.max_update
+        if extra_state is not None and max_update and trainer.get_num_updates() >= max_update:
+            logger.info(f"resumed at update {trainer.get_num_updates()}, --max-update {max_update}: training is "
+                        "complete, nothing left to do")
+            raise SystemExit(0)
+        return extra_state, epoch_itr
+
+    return load_checkpoint
+
+
 WRAPPERS = {
     "load_checkpoint_to_cpu": _diagnose_load,
     "load_model_ensemble_and_task": _diagnose_models,
     "torch_persistent_save": _atomic_save,
     "save_checkpoint": _atomic_copies_while_saving,
+    "load_checkpoint": _exact_resume,
 }
 
 
