@@ -189,6 +189,8 @@ def _batches_made_in_epoch_1(trainer):
         if kwargs.get("epoch", 1) > 1 and _keeps_first_epoch_batches(trainer, dataset, kwargs):
             # the epoch itself comes from the checkpoint (EpochBatchIterator.load_state_dict)
             kwargs["epoch"] = 1
+            if trainer.cfg.dataset.update_ordered_indices_seed:  # the seed Trainer.get_train_iterator gives epoch 1
+                kwargs["seed"] = trainer.cfg.common.seed + 1
         return original(*args, **kwargs)
 
     task.get_batch_iterator = get_batch_iterator
