@@ -81,7 +81,7 @@ def _diagnose_load(original):
         except Exception as err:
             if not _local(path):
                 raise
-            damaged = damaged_file_error(path, err)
+            damaged = damaged_file_error(path)
             if damaged is not None:
                 raise damaged from err
             if isinstance(err, pickle.UnpicklingError):  # an intact file: torch's weights_only refusal

@@ -95,8 +95,8 @@ def file_problem(path: str) -> Optional[str]:
     return None
 
 
-def damaged_file_error(path: str, err: BaseException) -> Optional[CheckpointError]:
-    """A CheckpointError naming what is wrong with the file, when the file is to blame for ``err``."""
+def damaged_file_error(path: str) -> Optional[CheckpointError]:
+    """A CheckpointError naming what is wrong with the file, when the file is to blame for a failed load."""
     problem = file_problem(path)
     return None if problem is None else CheckpointError(f"{path}: {problem}")
 
@@ -199,7 +199,7 @@ def _unsafe_globals(path: str) -> List[str]:
             return []
         return list(scan(path))
     except Exception as err:
-        raise damaged_file_error(path, err) or CheckpointError(
+        raise damaged_file_error(path) or CheckpointError(
             f"{path}: cannot read its pickle ({type(err).__name__}: {err})".replace("\n", " ")
         ) from err
 

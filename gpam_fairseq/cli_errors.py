@@ -106,7 +106,10 @@ def exit_with_error(message: str, tb=None) -> None:
     """Print ``<program>: error: <message>`` on stderr and raise SystemExit(2)."""
     line = f"{program_name()}: error: {message}"
     _tell_torchelastic(line)
-    sys.stdout.flush()  # what the program printed comes before the error
+    try:
+        sys.stdout.flush()  # what the program printed comes before the error
+    except (OSError, ValueError):
+        pass  # stdout closed or a broken pipe: the error line still goes to stderr
     sys.stderr.write(line + "\n")
     sys.stderr.flush()
     if tb is not None:
@@ -148,7 +151,7 @@ def _install_hydra_report() -> None:
         return
 
     def return_value(self):
-        if self.status == JobStatus.FAILED and not debugging():
+        if self.status == JobStatus.FAILED and not debugging() and not _interactive():
             message = user_error_message(self._return_value)
             if message is not None:
                 exit_with_error(message, self._return_value.__traceback__)
