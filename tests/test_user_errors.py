@@ -18,7 +18,7 @@ import textwrap
 
 import pytest
 
-from cli_runs import ENV, LM_ARCH, NMT_ARCH, TRAIN, command, describe, last_line, run, run_all, tiny_runs
+from cli_runs import ENV, NMT_ARCH, TRAIN, command, describe, last_line, run, run_all, tiny_runs
 from helpers import REPO, USER_DIR
 
 MESSAGE = "--gpam-lambda-neg: must be a finite number >= 0, got -0.3"
