@@ -22,8 +22,8 @@ only adds, around it:
   cannot resume. Here every file of a save is written to ``<name>.tmp`` in the same folder,
   fsynced, and moved over the old one with ``os.replace``: each name always holds a complete
   checkpoint, the previous or the new one.
-* ``load_checkpoint`` (fairseq-train's resume), two things that make a resumed run differ from
-  the run it continues:
+* ``load_checkpoint`` (fairseq-train's resume): what would make a resumed run differ from the
+  run it continues, or stop it without a way out:
 
   - the batches. fairseq groups sentences into batches once, when the run creates its training
     iterator, with the random order of ``ordered_indices`` under the seed ``--seed + epoch``,
@@ -35,6 +35,9 @@ only adds, around it:
     would have kept them (the iterator is reused: not sharded data, no --rebuild-batches,
     no --update-epoch-batch-itr); the position in the epoch and the epoch's order are still
     fairseq's, from the checkpoint.
+  - a damaged checkpoint to resume from (written by a run without this plugin, or by a
+    failing disk) stops with its one line, which also names the newest intact checkpoint in
+    the same folder and the ``--restore-file`` that resumes from it.
   - ``--max-update``: fairseq checks it only after an update, so a run restarted from the
     checkpoint of its last update (killed after saving it, before exiting) would train one
     update more than the run it continues. Such a run ends at once instead, saying so, with
@@ -59,6 +62,7 @@ from gpam_fairseq.checkpoints import (
     model_name,
     model_problem,
     model_task_mismatch,
+    newest_intact_checkpoint,
     torch_refusal,
     write_atomically,
 )
@@ -203,8 +207,17 @@ def _batches_made_in_epoch_1(trainer):
 def _exact_resume(original):
     @functools.wraps(original)
     def load_checkpoint(cfg, trainer, **passthrough_args):
-        with _batches_made_in_epoch_1(trainer):
-            extra_state, epoch_itr = original(cfg, trainer, **passthrough_args)
+        try:
+            with _batches_made_in_epoch_1(trainer):
+                extra_state, epoch_itr = original(cfg, trainer, **passthrough_args)
+        except CheckpointError as err:
+            if err.path is None:  # not a damaged file (a refused one, say): no fallback to offer
+                raise
+            fallback = newest_intact_checkpoint(os.path.dirname(err.path) or ".", besides=err.path)
+            if fallback is None:
+                raise
+            raise CheckpointError(f"{err}; the newest intact checkpoint next to it is {fallback}: add "
+                                  f"--restore-file {fallback} to resume from it") from err
         max_update = trainer.cfg.optimization.max_update
         if extra_state is not None and max_update and trainer.get_num_updates() >= max_update:
             logger.info(f"resumed at update {trainer.get_num_updates()}, --max-update {max_update}: training is "

@@ -32,7 +32,12 @@ from gpam_fairseq.compat import allow_fairseq_checkpoints
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that cannot be used; the message is one line, ``<file>: <what is wrong>``."""
+    """A checkpoint that cannot be used; the message is one line, ``<file>: <what is wrong>``.
+    ``path``: the file, when the fault is the file itself (missing, empty, damaged)."""
+
+    def __init__(self, message: str, path: Optional[str] = None):
+        super().__init__(message)
+        self.path = path
 
 
 class CheckpointRefused(CheckpointError, pickle.UnpicklingError):
@@ -95,10 +100,28 @@ def file_problem(path: str) -> Optional[str]:
     return None
 
 
+def newest_intact_checkpoint(folder: str, besides: str) -> Optional[str]:
+    """The most recently written ``*.pt`` of ``folder`` (other than ``besides``) whose zip
+    directory is intact: where a run whose checkpoint_last.pt is damaged can resume from."""
+    try:
+        names = [os.path.join(folder, n) for n in os.listdir(folder) if n.endswith(".pt")]
+    except OSError:
+        return None
+    others = [p for p in names if os.path.abspath(p) != os.path.abspath(besides) and os.path.isfile(p)]
+    for path in sorted(others, key=os.path.getmtime, reverse=True):
+        try:
+            with zipfile.ZipFile(path) as archive:  # reads the directory only
+                if any(n == "data.pkl" or n.endswith("/data.pkl") for n in archive.namelist()):
+                    return path
+        except (zipfile.BadZipFile, OSError):
+            continue
+    return None
+
+
 def damaged_file_error(path: str) -> Optional[CheckpointError]:
     """A CheckpointError naming what is wrong with the file, when the file is to blame for a failed load."""
     problem = file_problem(path)
-    return None if problem is None else CheckpointError(f"{path}: {problem}")
+    return None if problem is None else CheckpointError(f"{path}: {problem}", path)
 
 
 # ----------------------------------------------------------------------------- what model a file holds

@@ -5,10 +5,12 @@ a text file renamed .pt, an empty file, and the wrong model: a language model gi
 translation task (which fairseq-generate would otherwise happily "translate" with), a
 translation model given to fairseq-eval-lm, and a checkpoint of a model that nothing in this
 run registers (another plugin's). Loaders: fairseq-generate and fairseq-eval-lm (through
-fairseq's own checkpoint_utils, with --user-dir), scripts/average_checkpoints.py and
-scripts/analyze_collapse.py (exit status 2 and ``<program>: error: <file>: <fault>`` as the
-last line, no traceback, nothing written), and the hub (``from_pretrained`` of both model
-classes: CheckpointError, whose message is that line's part after ``error:``).
+fairseq's own checkpoint_utils, with --user-dir), fairseq-train resuming from a cut-off
+checkpoint_last.pt (the line also names the intact checkpoint to resume from),
+scripts/average_checkpoints.py and scripts/analyze_collapse.py (exit status 2 and
+``<program>: error: <file>: <fault>`` as the last line, no traceback, nothing written), and
+the hub (``from_pretrained`` of both model classes: CheckpointError, whose message is that
+line's part after ``error:``).
 """
 
 import os
@@ -16,7 +18,7 @@ import os
 import pytest
 import torch
 
-from cli_runs import command, describe, last_line, run_all, tiny_runs
+from cli_runs import NMT_ARCH, TRAIN, command, describe, last_line, run_all, tiny_runs
 from gpam_fairseq.checkpoints import CheckpointError, file_problem
 from gpam_fairseq.models.transformer_gpam import TransformerGPAMModel
 from gpam_fairseq.models.transformer_lm_gpam import TransformerLanguageModelGPAM
@@ -69,6 +71,16 @@ def files(tmp_path_factory):
     with open(paths["text"], "w") as f:
         f.write("epoch 1 | loss 3.2\nepoch 2 | loss 2.9\n")
     open(paths["empty"], "wb").close()
+    # a save folder whose checkpoint_last.pt was cut off (by a run without the plugin's atomic saves)
+    resume = os.path.join(runs["root"], "resume")
+    os.makedirs(resume)
+    paths["intact"] = os.path.join(resume, "checkpoint_1_2.pt")
+    paths["truncated_last"] = os.path.join(resume, "checkpoint_last.pt")
+    with open(paths["intact"], "wb") as f:
+        f.write(whole)
+    os.utime(paths["intact"], (1e9, 1e9))  # written before checkpoint_last.pt
+    with open(paths["truncated_last"], "wb") as f:
+        f.write(whole[: len(whole) // 3])
     other_plugin_checkpoint(runs["nmt_ckpt"], paths["other_plugin_nmt"], "other_plugin_transformer")
     other_plugin_checkpoint(runs["lm_ckpt"], paths["other_plugin_lm"], "other_plugin_lm")
     return runs, paths
@@ -112,6 +124,9 @@ def results(files):
         else:
             argv = command(program, args[0], "--user-dir", USER_DIR, *args[1:])
         jobs[program, fault] = dict(argv=argv)
+    jobs["fairseq-train", "resume"] = dict(argv=command(
+        "fairseq-train", runs["nmt_bin"], "--user-dir", USER_DIR, *NMT_ARCH, *TRAIN, "--max-update", "4",
+        "--save-dir", os.path.dirname(paths["truncated_last"])))
     return run_all(jobs)
 
 
@@ -129,6 +144,17 @@ def test_console_scripts_stop_with_one_line_naming_the_file(files, results, prog
     assert not os.listdir(os.path.join(runs["root"], "out", case_id(program, fault))), "wrote output on failure"
     if program == "fairseq-generate":
         assert "H-" not in proc.stdout  # no hypothesis from a model that should not have loaded
+
+
+def test_fairseq_train_resuming_from_a_truncated_checkpoint_names_it_and_the_way_out(files, results):
+    _, paths = files
+    proc = results["fairseq-train", "resume"]
+    line = last_line(proc.stderr)
+    assert line.startswith(f"fairseq-train: error: {paths['truncated_last']}: {SAYS['truncated']}"), describe(proc)
+    assert line.endswith(f"; the newest intact checkpoint next to it is {paths['intact']}: add --restore-file "
+                         f"{paths['intact']} to resume from it"), describe(proc)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, describe(proc)
+    assert sorted(os.listdir(os.path.dirname(paths["intact"]))) == ["checkpoint_1_2.pt", "checkpoint_last.pt"]
 
 
 HUB = {
