@@ -82,7 +82,7 @@ def transformer_lm_gpam_wiki103(args):
     transformer_lm_baevski_wiki103(args)
 
 
-# The language-model sizes of the recipes in examples/ (issue 3). Each is a stock fairseq
+# The language-model sizes of the recipes in examples/. Each is a stock fairseq
 # architecture with some sizes fixed, so the equally sized stock baseline is that stock
 # architecture with the same size flags (given in each docstring). Like every named fairseq
 # LM architecture they are Pre-LN (base_lm_architecture forces it).
