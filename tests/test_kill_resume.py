@@ -34,7 +34,7 @@ import time
 
 import pytest
 
-from demo import log_records
+from gpam_fairseq.fairseq_tools import log_records
 from gpam_fairseq.checkpoints import file_problem, load_state
 from helpers import USER_DIR
 from test_resume import BIN, COMMON, ENV, MODELS, assert_same_state, data  # noqa: F401  (data: fixture)
