@@ -15,7 +15,10 @@ import re
 from typing import List, Optional, Sequence
 
 
-class CheckpointAveragingError(ValueError):
+from gpam_fairseq.checkpoints import CheckpointError
+
+
+class CheckpointAveragingError(CheckpointError):
     """The checkpoints asked for cannot be averaged; the message names the flag or file at fault."""
 
 

@@ -196,8 +196,6 @@ def data_sample(task, split: str, batch: int) -> dict:
 def load_checkpoint(path: str, data_bin: Optional[str]):
     from gpam_fairseq.checkpoints import load_models
 
-    if not os.path.exists(path):
-        raise SystemExit(f"--checkpoint: no such file {path}")
     overrides = {"data": data_bin} if data_bin else None
     models, cfg, task = load_models([path], arg_overrides=overrides)
     attention_type = getattr(cfg.model, "attention_type", "softmax") or "softmax"

@@ -18,7 +18,7 @@ gpam_fairseq/checkpoint_averaging.py.
 import argparse
 import os
 
-from gpam_fairseq.checkpoint_averaging import CheckpointAveragingError, average_and_save, last_n_checkpoints
+from gpam_fairseq.checkpoint_averaging import average_and_save, last_n_checkpoints
 
 
 def main(argv=None):
@@ -33,20 +33,21 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     n = args.num_epoch_checkpoints or args.num_update_checkpoints
-    try:
-        if n is not None:
-            if len(args.inputs) != 1 or not os.path.isdir(args.inputs[0]):
-                parser.error("--num-epoch-checkpoints/--num-update-checkpoints need one folder in --inputs")
-            paths = last_n_checkpoints(args.inputs[0], n, args.num_update_checkpoints is not None,
-                                       args.checkpoint_upper_bound)
-        else:
-            paths = args.inputs
-            for p in paths:
-                if not os.path.isfile(p):
-                    parser.error(f"--inputs {p}: not a checkpoint file (a folder needs --num-epoch-checkpoints N)")
-        average_and_save(paths, args.output)
-    except CheckpointAveragingError as err:
-        raise SystemExit(str(err)) from None
+    if n is not None:
+        if len(args.inputs) != 1 or not os.path.isdir(args.inputs[0]):
+            parser.error("--num-epoch-checkpoints/--num-update-checkpoints need one folder in --inputs")
+        paths = last_n_checkpoints(args.inputs[0], n, args.num_update_checkpoints is not None,
+                                   args.checkpoint_upper_bound)
+    else:
+        paths = args.inputs
+        for p in paths:
+            if not os.path.exists(p):
+                parser.error(f"--inputs {p}: no such file")
+            if not os.path.isfile(p):
+                parser.error(f"--inputs {p}: not a checkpoint file (a folder needs --num-epoch-checkpoints N)")
+    # a checkpoint that cannot be averaged ends the program with one line naming it (and
+    # nothing is written): gpam_fairseq's error hook, installed when the package is imported
+    average_and_save(paths, args.output)
     return paths
 
 

@@ -1,9 +1,11 @@
 """Bad input through fairseq-train's own path: one clear line, from fairseq or from us, never our stack.
 
-* Every GPAM/attention option, given an invalid value on a fairseq-train command line (parsed
-  by fairseq's training parser, task set up on a real data folder, model built), stops with
-  one line that names the flag and the values it allows. Options are listed from
-  ``gpam_fairseq.options``: a new option without a case here fails the coverage test.
+* Every GPAM/attention option, given an invalid value on a real fairseq-train command line (the
+  console script: fairseq's training parser, the task set up on a real data folder, the model
+  built), stops with one line, ``fairseq-train: error: ...``, naming the flag and the values it
+  allows, and exit status 2: argparse's own errors and ours (gpam_fairseq.cli_errors) look the
+  same. Options are listed from ``gpam_fairseq.options``: a new option without a case here fails
+  the coverage test.
 * A data folder without a dictionary, or languages that are not in it, fails with fairseq's
   own message, and no frame of the traceback is in gpam_fairseq.
 * Options that the attention type does not read are reported in one warning line, once.
@@ -15,11 +17,9 @@ import subprocess
 import sys
 
 import pytest
-from fairseq import options as fairseq_options
-from fairseq import tasks
-from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
-from gpam_fairseq.options import ATTENTION_TYPES, FLAG, LAMBDA_SCOPES, NEG_QUERY_INITS, NEG_QUERY_SHARING, GPAMConfigError
+from cli_runs import command, describe, last_line, run_all
+from gpam_fairseq.options import ATTENTION_TYPES, FLAG, LAMBDA_SCOPES, NEG_QUERY_INITS, NEG_QUERY_SHARING
 from helpers import REPO, USER_DIR
 from gpam_fairseq.synthetic_corpus import write_corpus
 
@@ -86,59 +86,36 @@ def data(tmp_path_factory):
     return {"root": root, "nmt": str(root / "nmt"), "lm": str(root / "lm")}
 
 
-def fairseq_train_until_model(argv):
-    """fairseq-train's steps up to the model: its parser, its config, the task on the data, the model."""
-    parser = fairseq_options.get_training_parser()
-    args = fairseq_options.parse_args_and_arch(parser, argv)
-    cfg = convert_namespace_to_omegaconf(args)
-    task = tasks.setup_task(cfg.task)
-    return task.build_model(cfg.model)
-
-
 def test_every_option_has_a_bad_value_case():
     covered = {flag for _, flags, _ in BAD for flag in flags if flag.startswith("--gpam") or flag == "--attention-type"}
     missing = set(FLAG.values()) - SWITCHES - covered
     assert not missing, f"options without a bad-value case: {sorted(missing)}"
 
 
-@pytest.mark.parametrize("model,flags,expected", BAD, ids=[" ".join(b[1]) + f" ({b[0]})" for b in BAD])
-def test_invalid_option_value_one_line_naming_flag_and_allowed_values(data, model, flags, expected, capsys):
-    argv = [data[model], "--user-dir", USER_DIR, *(NMT if model == "nmt" else LM), *TRAIN, *flags]
-    try:
-        fairseq_train_until_model(argv)
-    except SystemExit as exit_:  # argparse: usage, then one error line, exit status 2
-        assert exit_.code == 2
-        line = capsys.readouterr().err.strip().splitlines()[-1]
-        assert line.endswith(expected), line
-        assert ": error: argument " in line
-    except GPAMConfigError as err:
-        message = str(err)
-        assert "\n" not in message
-        assert message == expected
-    else:
-        pytest.fail(f"{' '.join(flags)} was accepted")
+IDS = [" ".join(b[1]) + f" ({b[0]})" for b in BAD]
+
+
+@pytest.fixture(scope="module")
+def bad_runs(data):
+    """Every case through the fairseq-train console script, side by side."""
+    return run_all({
+        name: dict(argv=command("fairseq-train", data[model], "--user-dir", USER_DIR, *(NMT if model == "nmt" else LM),
+                                *TRAIN, *flags))
+        for name, (model, flags, _) in zip(IDS, BAD)
+    })
+
+
+@pytest.mark.parametrize("model,flags,expected", BAD, ids=IDS)
+def test_invalid_option_value_one_line_naming_flag_and_allowed_values(bad_runs, model, flags, expected):
+    proc = bad_runs[" ".join(flags) + f" ({model})"]
+    assert last_line(proc.stderr) == f"fairseq-train: error: {expected}", describe(proc)
+    assert proc.returncode == 2, describe(proc)
+    assert "Traceback" not in proc.stderr, describe(proc)
 
 
 def cli(*args):
     return subprocess.Popen([os.path.join(BIN, "fairseq-train"), *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=ENV, cwd=REPO)
-
-
-def test_fairseq_train_shows_the_line_last(data):
-    """What a user sees: the run stops, and the last line is the message (no prompt buried in logs)."""
-    proc = cli(data["nmt"], "--user-dir", USER_DIR, *NMT, *TRAIN, "--gpam-lambda-pos", "-0.5")
-    _, err = proc.communicate()
-    assert proc.returncode != 0
-    assert err.strip().splitlines()[-1] == \
-        "gpam_fairseq.options.GPAMConfigError: --gpam-lambda-pos: must be a finite number >= 0, got -0.5"
-
-
-@pytest.mark.parametrize("model", ["nmt", "lm"])
-def test_fairseq_train_refuses_rows_of_p_g_without_positive_mass(data, model):
-    proc = cli(data[model], "--user-dir", USER_DIR, *(NMT if model == "nmt" else LM), *TRAIN, *NO_POSITIVE_MASS)
-    _, err = proc.communicate()
-    assert proc.returncode != 0
-    assert REFUSED in err.strip().splitlines()[-1]
 
 
 def test_fairseq_train_warns_once_about_options_the_type_does_not_read(data):
