@@ -99,6 +99,7 @@ def test_table_csv_and_plot_come_from_the_run_folders(swept):
         assert float(row["bleu_mean"]) == pytest.approx(statistics.mean(bleu))
         assert float(row["bleu_std"]) == pytest.approx(statistics.stdev(bleu))
         assert float(row["delta_vs_baseline"]) == pytest.approx(statistics.mean(bleu) - float(rows["baseline"]["bleu_mean"]))
+        assert 0 < float(row["best_valid_loss_mean"]) < 20 and float(row["best_valid_loss_std"]) >= 0
     assert rows["gpam_lp0.1_ln0.1_fixed_negid_shared_all"]["lambda_pos"] == "0.1"
     md = (out / "results.md").read_text()
     assert "QUICK MODE" in md and "| baseline | baseline | — |" in md and "| BLEU | Δ vs baseline |" in md
@@ -117,21 +118,30 @@ def test_rerun_skips_every_finished_cell(swept):
     assert (out / "results.csv").read_text() == table
 
 
-def test_submitit_local_executor_gives_the_in_process_table(swept):
+def test_submitit_local_executor_gives_the_in_process_table(swept, tmp_path, monkeypatch):
     """The same cell function as a submitit job array (local executor): same table and outputs as the
-    cells this module ran in process."""
+    cell this module ran in process."""
     import submitit  # noqa: F401  (the test extra; --slurm needs it)
+
+    from gpam_fairseq.recipes import sweep as sweep_module
+    from gpam_fairseq.recipes.definitions import RECIPES
 
     tiny = ["--quick", "--lambda-pos", "0.1", "--seeds", "1", "--no-baseline", "--max-update", "4"]
     other = swept["root"] / "submitit_out"
     out = sweep(swept["env"], *tiny, "--slurm", "--cluster", "local", "--slurm-time", "10", "--out", str(other)).stdout
     assert "1 job(s) submitted (local)" in out and "[sweep] 1/1 cells finished" in out
     assert any((other / "submitit").rglob("*_result.pkl"))
-    sweep(swept["env"], *tiny, "--collect", "--out", str(swept["out"]))  # the in-process runs, table rewritten
-    assert read_csv(other / "results.csv") == read_csv(swept["out"] / "results.csv")
+    # the same grid's table from the in-process run folders, written by the same functions
+    for k, v in swept["env"].items():
+        monkeypatch.setenv(k, v)
+    recipe = RECIPES["iwslt14"]
+    cells = sweep_module.build_cells(sweep_module.parser().parse_args(["iwslt14", *tiny]), recipe, str(swept["out"]))
+    rows, metric = sweep_module.collect(cells, recipe)
+    sweep_module.write_tables(rows, metric, str(tmp_path), [])
+    assert (tmp_path / "results.csv").read_text() == (other / "results.csv").read_text()
+    assert rows[0]["n"] == 1 and rows[0]["mean"] is not None
     run = f"gpam_lp0.1_ln0.1_fixed_negid_shared_all{SUFFIX}1"
     assert (other / "runs" / run / "hyps.txt").read_text() == (swept["out"] / "runs" / run / "hyps.txt").read_text()
-    sweep(swept["env"], *GRID, "--collect", "--out", str(swept["out"]))  # put the full table back
 
 
 def test_compare_runs_reads_the_sweep_runs_inference_cost_and_seeds(swept, tmp_path):

@@ -12,7 +12,7 @@ computes two attention maps per head instead of one. Each control removes one of
   unit of a layer costs 2 d + 1 parameters (a row of fc1 with its bias, a column of fc2), so
   every FFN of the encoder and the decoder is widened by the same k = round(extra / cost of one
   unit in every layer). The difference left is below half the cost of one unit in every layer
-  (a few hundred to a few thousand parameters, far below 0.1 % of any recipe's model).
+  (a few dozen to a few thousand parameters, far below 0.1 % of any recipe's model).
 * ``baseline_maps``: the stock architecture with twice the attention heads at the same width
   (head dimension halved), so that it computes as many attention maps per layer as daGPAM
   does (daGPAM: a positive and a negative map per head in each of its blocks). Same parameters
