@@ -24,11 +24,15 @@ setup(
         "sacrebleu>=2.0",  # BLEU and chrF with signatures
         "tensorboard",  # fairseq's --tensorboard-logdir
         "matplotlib",  # PNG figures of the comparison, analysis and benchmark scripts
+        "scipy",  # compare_runs.py's paired t-test over seeds (already installed with fairseq's scikit-learn)
     ],
     extras_require={
         # fairscale: fairseq's --ddp-backend fully_sharded, whose GPU test and CPU error
-        # message are tested (pure Python; fairseq imports it only where it is installed)
-        "test": ["pytest>=7", "fairscale>=0.4.0"],
+        # message are tested (pure Python; fairseq imports it only where it is installed).
+        # submitit: scripts/sweep.py --slurm (a SLURM job array), tested through its local
+        # executor; only the sweeps and the tests need it (pure Python).
+        "test": ["pytest>=7", "fairscale>=0.4.0", "submitit>=1.5"],
+        "slurm": ["submitit>=1.5"],
     },
     classifiers=[
         "Programming Language :: Python :: 3",

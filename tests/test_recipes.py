@@ -144,6 +144,12 @@ def test_iwslt14_all_stages_and_idempotence(iwslt):
     assert result["bleu_signature"].startswith("nrefs:1|case:lc|")  # lowercased data, lowercased score
     assert 0 <= result["bleu"] <= 100 and 0 <= result["chrf"] <= 100 and result["bleu_tokenized"] is not None
     assert result["params"] > 0 and result["train_wps"] > 0 and result["num_updates"] == 4
+    inference = result["inference"]  # fairseq-generate's speed line, the batch settings, device and memory
+    assert inference["tool"] == "fairseq-generate" and inference["sentences"] == 40 and inference["beam"] == 5
+    assert inference["batch_size"] == 128 and inference["sentences_per_s"] > 0 and inference["tokens_per_s"] > 0
+    assert inference["device"].startswith("cpu") and inference["peak_gpu_memory"] == "n/a (CPU)"
+    assert inference["peak_gpu_memory_bytes"] is None and inference["peak_rss_bytes"] > 50 * 2 ** 20
+    assert "| gpam_fairseq peak_memory |" in (run_dir / "generate.log").read_text()
     assert (run_dir / "tensorboard" / "valid").is_dir()
     assert "already done" in run_stage("iwslt14", "evaluate", env)
     pytest.iwslt_run = run_dir
@@ -160,6 +166,34 @@ def test_iwslt14_baseline_is_the_stock_architecture_pre_ln_en_de(iwslt):
     assert "--attention-type" not in cmd
     assert {"--encoder-normalize-before", "--decoder-normalize-before"} <= set(cmd)
     assert cmd[cmd.index("--source-lang") + 1] == "en" and cmd[cmd.index("--target-lang") + 1] == "de"
+
+
+def test_iwslt14_controls_have_daGPAMs_parameters_and_twice_the_heads(iwslt):
+    """MODEL=baseline_params and baseline_maps through fairseq-train, shrunk by EXTRA_ARGS like the gpam run
+    of test_iwslt14_all_stages_and_idempotence: fairseq's own parameter counts."""
+    from gpam_fairseq.recipes.stages import training_figures
+
+    gpam = json.loads((pytest.iwslt_run / "run.json").read_text())
+    counts, controls = {}, {}
+    for model in ("baseline_params", "baseline_maps"):
+        env = {**iwslt["env"], "MODEL": model, "SEED": "3", "MAX_UPDATE": "1", "EXTRA_ARGS": TINY_NMT,
+               "GPAM_ARGS": "--gpam-lambda-pos 0.5"}  # read by baseline_params' matching, no parameters of its own
+        out = run_stage("iwslt14", "train", env)
+        run_dir = iwslt["root"] / "runs" / f"{model}_base_de-en_postln_seed3"
+        done = json.loads((run_dir / ".train.done").read_text())
+        counts[model], controls[model] = training_figures(str(run_dir))["params"], done["control"]
+        assert "--attention-type" not in done["command"] and "--gpam-lambda-pos" not in done["command"]
+        if model == "baseline_params":
+            assert done["command"][-4:] == ["--encoder-ffn-embed-dim", "70", "--decoder-ffn-embed-dim", "70"]
+            assert "encoder FFN 64 -> 70, decoder FFN 64 -> 70 (+6 units): +780 parameters for daGPAM's +768" in out
+        else:
+            assert done["command"][-4:] == ["--encoder-attention-heads", "4", "--decoder-attention-heads", "4"]
+            assert "(head dim 8)" in out
+    extra = controls["baseline_params"]["extra_dagpam"]
+    assert extra == 3 * 16 * 16  # one shared 16 x 16 W_Q- in each of the 3 attention blocks (d=32, 2 heads)
+    assert abs(counts["baseline_params"] - gpam["params"]) / gpam["params"] < 1e-3
+    assert counts["baseline_params"] - gpam["params"] == 12
+    assert counts["baseline_maps"] == gpam["params"] - extra  # the stock model's count: heads add no parameters
 
 
 def test_wikitext103_all_stages_default_size_adaptive_inputs(tmp_path):
@@ -195,6 +229,10 @@ def test_wikitext103_all_stages_default_size_adaptive_inputs(tmp_path):
     result = json.loads((run_dir / "run.json").read_text())
     assert result["attention_type"] == "dagpam" and result["task"] == "language_modeling"
     assert 1 < result["perplexity"] < 1000 and result["params"] > 0 and result["num_updates"] == 3
+    inference = result["inference"]
+    assert inference["tool"] == "fairseq-eval-lm" and inference["tokens"] > 0 and inference["tokens_per_s"] > 0
+    assert inference["batch_size"] == 2 and inference["tokens_per_sample"] == 32 and inference["context_window"] == 16
+    assert inference["peak_gpu_memory"] == "n/a (CPU)" and inference["peak_rss_bytes"] > 50 * 2 ** 20
 
 
 def make_tgz(path, files):

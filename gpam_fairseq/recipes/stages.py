@@ -2,10 +2,12 @@
 
 Settings come from environment variables, so that one command line serves every system:
 
-    MODEL=baseline|gpam|<any --attention-type value>   (default gpam)
+    MODEL=baseline|baseline_params|baseline_maps|gpam|<any --attention-type value>   (default gpam)
     SEED=1   SIZE=<recipe's sizes>   SETUP=<data setup>   DIRECTION=src-tgt   LN=post|pre (NMT)
     DATA_DIR, SAVE_DIR, RUNS_DIR     where data, checkpoints and run folders go
     MAX_UPDATE, EXTRA_ARGS           override the update count; extra fairseq-train arguments (last, so they win)
+    GPAM_ARGS                        daGPAM flags (--gpam-*) for MODEL=gpam and the other attention types, last;
+                                     MODEL=baseline_params matches their parameters; baseline(_maps) ignore them
     EVAL_ARGS                        extra fairseq-generate / fairseq-eval-lm arguments
     NGPUS, UPDATE_FREQ, FP16=auto|0|1, AVERAGE=N, WORKERS, FORCE=1 (redo a finished stage)
 """
@@ -19,6 +21,7 @@ import statistics
 import sys
 
 from gpam_fairseq.fairseq_tools import REPO_ROOT, USER_DIR, fairseq_cli, log_records, read_generate_output, say
+from gpam_fairseq.recipes import controls
 from gpam_fairseq.recipes.common import (RecipeError, env, env_args, env_int, is_done, mark_done, run_cli,
                                          training_progress)
 from gpam_fairseq.recipes.definitions import RECIPES, prepare_for
@@ -39,7 +42,7 @@ class Settings:
         self.ln = self._choice("LN", ("post", "pre")) if r.task == "translation" else None
         self.model = env("MODEL", "gpam")
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.model):
-            raise RecipeError(f"MODEL={self.model!r}: use baseline, gpam or an --attention-type value")
+            raise RecipeError(f"MODEL={self.model!r}: use {', '.join(controls.BASELINES)}, gpam or an --attention-type value")
         self.seed = env_int("SEED", 1)
         sub = [r.name] + ([self.setup] if self.setup else [])
         self.data_dir = os.path.abspath(env("DATA_DIR", os.path.join(REPO_ROOT, "data", *sub)))
@@ -59,13 +62,20 @@ class Settings:
         return value
 
     @property
-    def attention_type(self):
-        return "softmax" if self.model == "baseline" else ("dagpam" if self.model == "gpam" else self.model)
+    def is_baseline(self):
+        """The stock fairseq architecture: MODEL=baseline and its matched controls."""
+        return self.model in controls.BASELINES
 
-    def model_args(self):
-        if self.model == "baseline":
+    @property
+    def attention_type(self):
+        return "softmax" if self.is_baseline else ("dagpam" if self.model == "gpam" else self.model)
+
+    def model_args(self, model=None):
+        model = model or self.model
+        if model in controls.BASELINES:
             return list(self.size.baseline)  # the stock fairseq architecture
-        return [*self.size.gpam, "--attention-type", self.attention_type]
+        attention = "dagpam" if model == "gpam" else model
+        return [*self.size.gpam, "--attention-type", attention]
 
     def lang_args(self):
         if not self.direction:
@@ -119,21 +129,37 @@ def stage_preprocess(s, argv):
     say(f"[preprocess] done: {s.data_bin}")
 
 
-def train_command(s):
+def train_command(s, with_info=False):
+    """fairseq-train's command line for the settings (and, with_info, what a control changed)."""
     size = s.size
     gpus = _gpus()
     update_freq = env_int("UPDATE_FREQ", max(1, size.gpu_steps // max(gpus, 1)))
-    cmd = [fairseq_cli("fairseq-train"), s.data_bin, "--user-dir", USER_DIR, "--task", s.recipe.task,
-           *s.lang_args(), *s.model_args(), *size.train]
-    if s.ln == "pre":
-        cmd += ["--encoder-normalize-before", "--decoder-normalize-before"]
-    fp16 = env("FP16", "auto")
-    if fp16 == "1" or (fp16 == "auto" and gpus > 0):
-        cmd += ["--fp16"]
-    cmd += ["--update-freq", str(update_freq), "--seed", str(s.seed), "--max-update", str(env_int("MAX_UPDATE", size.max_update)),
-            "--save-dir", s.save_dir, "--tensorboard-logdir", os.path.join(s.run_dir, "tensorboard"),
-            "--log-format", "json", "--log-interval", "100", *env_args("EXTRA_ARGS")]
-    return cmd, gpus, update_freq
+
+    def command(model):
+        cmd = [fairseq_cli("fairseq-train"), s.data_bin, "--user-dir", USER_DIR, "--task", s.recipe.task,
+               *s.lang_args(), *s.model_args(model), *size.train]
+        if s.ln == "pre":
+            cmd += ["--encoder-normalize-before", "--decoder-normalize-before"]
+        fp16 = env("FP16", "auto")
+        if fp16 == "1" or (fp16 == "auto" and gpus > 0):
+            cmd += ["--fp16"]
+        cmd += ["--update-freq", str(update_freq), "--seed", str(s.seed),
+                "--max-update", str(env_int("MAX_UPDATE", size.max_update)),
+                "--save-dir", s.save_dir, "--tensorboard-logdir", os.path.join(s.run_dir, "tensorboard"),
+                "--log-format", "json", "--log-interval", "100", *env_args("EXTRA_ARGS")]
+        if model not in controls.BASELINES:
+            cmd += env_args("GPAM_ARGS")
+        return cmd
+
+    cmd, info = command(s.model), None
+    if s.model in controls.CONTROLS:
+        # computed from the full command lines (EXTRA_ARGS and GPAM_ARGS included), appended last
+        try:
+            flags, info = controls.control_flags(s.model, cmd[2:], command("gpam")[2:], s.recipe.task)
+        except controls.ControlError as e:
+            raise RecipeError(str(e)) from None
+        cmd += flags
+    return (cmd, gpus, update_freq, info) if with_info else (cmd, gpus, update_freq)
 
 
 def stage_train(s, argv):
@@ -143,8 +169,10 @@ def stage_train(s, argv):
         return
     if not is_done(s.data_bin, "preprocess"):
         raise RecipeError(f"{s.data_bin} is not binarised: run {s.recipe.name}/preprocess.py first")
-    cmd, gpus, update_freq = train_command(s)
+    cmd, gpus, update_freq, control = train_command(s, with_info=True)
     say(f"[train] {s.run_name}: MODEL={s.model} (attention {s.attention_type}), size {s.size_name}, seed {s.seed}")
+    if control:
+        say(f"  {s.model}: {controls.describe(s.model, control)}")
     say(f"  effective batch: {s.size.gpu_steps} GPU-steps per update in the official recipe; {max(gpus, 1)} "
         f"{'GPU' if gpus else 'CPU process'}(s) x --update-freq {update_freq} = {max(gpus, 1) * update_freq}")
     os.makedirs(s.run_dir, exist_ok=True)
@@ -152,7 +180,7 @@ def stage_train(s, argv):
     if os.path.exists(log):  # a resumed run: keep the earlier log, fairseq resumes from checkpoint_last.pt
         os.replace(log, os.path.join(s.run_dir, f"train.{len(glob.glob(os.path.join(s.run_dir, 'train.*.log')))}.log"))
     run_cli("fairseq-train", cmd, log, echo=training_progress(s.run_name))
-    mark_done(s.run_dir, "train", {"command": cmd[1:]})
+    mark_done(s.run_dir, "train", {"command": cmd[1:], **({"control": control} if control else {})})
     say(f"[train] done: checkpoints in {s.save_dir}, logs and tensorboard in {s.run_dir}")
 
 
@@ -199,16 +227,73 @@ def compound_split(line):
     return re.sub(r"(\S)-(\S)", r"\1 ##AT##-##AT## \2", line)
 
 
+def measured(script):
+    """The command running a fairseq console script through gpam_fairseq.peak_memory, which
+    reports the device and the peak memory after fairseq's own last lines."""
+    return [sys.executable, "-m", "gpam_fairseq.peak_memory", script]
+
+
+def _last_flag(cmd, *names):
+    """The value of the last occurrence of a flag (argparse: the last one wins), or None."""
+    value = None
+    for i, word in enumerate(cmd[:-1]):
+        if word in names:
+            value = cmd[i + 1]
+    return value
+
+
+def _number(text):
+    return float(text.replace(",", ""))
+
+
+def inference_figures(tool, cmd, log, log_path):
+    """Decoding speed as fairseq reports it in its last lines, the batch settings passed, the
+    device, and the peak memory (CUDA allocator's peak on a GPU; the process's peak RSS always)."""
+    from gpam_fairseq import peak_memory
+
+    out = {"tool": tool, "batch_size": _last_flag(cmd, "--batch-size", "--max-sentences"),
+           "max_tokens": _last_flag(cmd, "--max-tokens")}
+    out = {k: (int(v) if k != "tool" and v is not None else v) for k, v in out.items()}
+    if tool == "fairseq-generate":
+        out["beam"] = int(_last_flag(cmd, "--beam") or 5)  # fairseq's default beam: 5
+        m = re.search(r"Translated ([\d,]+) sentences \(([\d,]+) tokens\) in ([\d.]+)s "
+                      r"\(([\d.]+) sentences/s, ([\d.]+) tokens/s\)", log)
+        if not m:
+            raise RecipeError(f"no 'Translated N sentences (M tokens) in ...' line in {log_path}")
+        out.update(sentences=int(_number(m.group(1))), tokens=int(_number(m.group(2))), seconds=float(m.group(3)),
+                   sentences_per_s=float(m.group(4)), tokens_per_s=float(m.group(5)))
+    else:
+        for flag in ("--tokens-per-sample", "--context-window"):
+            value = _last_flag(cmd, flag)
+            out[flag[2:].replace("-", "_")] = int(value) if value is not None else None
+        m = re.search(r"Evaluated ([\d,]+) tokens in ([\d.]+)s \(([\d.]+) tokens/s\)", log)
+        if not m:
+            raise RecipeError(f"no 'Evaluated N tokens in ...' line in {log_path}")
+        out.update(tokens=int(_number(m.group(1))), seconds=float(m.group(2)), tokens_per_s=float(m.group(3)))
+    figures = peak_memory.parse(log)
+    if figures is None:
+        raise RecipeError(f"no '{peak_memory.MARKER.strip()}' line in {log_path}")
+    on_gpu = figures["cuda_max_memory_allocated"] is not None
+    out.update(device=figures["device"],
+               peak_gpu_memory_bytes=figures["cuda_max_memory_allocated"],
+               peak_gpu_memory_reserved_bytes=figures["cuda_max_memory_reserved"],
+               peak_gpu_memory=("torch.cuda.max_memory_allocated of the process" if on_gpu else "n/a (CPU)"),
+               peak_rss_bytes=figures["max_rss_bytes"],
+               peak_rss="peak resident set size of the process (CPU memory; getrusage)")
+    return out
+
+
 def evaluate_translation(s, ckpt, result):
     from sacrebleu.metrics import BLEU, CHRF
 
     from gpam_fairseq.recipes import text
 
-    log = run_cli("fairseq-generate",
-                  [fairseq_cli("fairseq-generate"), s.data_bin, "--user-dir", USER_DIR, "--task", "translation",
-                   *s.lang_args(), "--path", ckpt, "--gen-subset", "test", *s.recipe.generate_args,
-                   "--required-batch-size-multiple", "1", *env_args("EVAL_ARGS")],
-                  os.path.join(s.run_dir, "generate.log"))
+    cmd = [*measured("fairseq-generate"), s.data_bin, "--user-dir", USER_DIR, "--task", "translation",
+           *s.lang_args(), "--path", ckpt, "--gen-subset", "test", *s.recipe.generate_args,
+           "--required-batch-size-multiple", "1", *env_args("EVAL_ARGS")]
+    log_path = os.path.join(s.run_dir, "generate.log")
+    log = run_cli("fairseq-generate", cmd, log_path)
+    result["inference"] = inference_figures("fairseq-generate", cmd, log, log_path)
     hyps_tok, refs_tok = read_generate_output(log)
     tgt = s.direction.split("-")[1]
     hyps = text.moses_detokenize(hyps_tok, tgt)
@@ -240,10 +325,11 @@ def evaluate_translation(s, ckpt, result):
 
 
 def evaluate_language_model(s, ckpt, result):
-    log = run_cli("fairseq-eval-lm",
-                  [fairseq_cli("fairseq-eval-lm"), s.data_bin, "--user-dir", USER_DIR, "--path", ckpt,
-                   "--gen-subset", "test", *s.size.eval_args, *env_args("EVAL_ARGS")],
-                  os.path.join(s.run_dir, "eval_lm.log"))
+    cmd = [*measured("fairseq-eval-lm"), s.data_bin, "--user-dir", USER_DIR, "--path", ckpt,
+           "--gen-subset", "test", *s.size.eval_args, *env_args("EVAL_ARGS")]
+    log_path = os.path.join(s.run_dir, "eval_lm.log")
+    log = run_cli("fairseq-eval-lm", cmd, log_path)
+    result["inference"] = inference_figures("fairseq-eval-lm", cmd, log, log_path)
     m = re.search(r"Loss \(base 2\): ([\d.]+), Perplexity: ([\d.]+)", log)
     if not m:
         raise RecipeError(f"no 'Loss (base 2): ..., Perplexity: ...' line in {os.path.join(s.run_dir, 'eval_lm.log')}")
@@ -268,6 +354,8 @@ def stage_evaluate(s, argv):
               "attention_type": s.attention_type, "size": s.size_name, "seed": s.seed, "setup": s.setup,
               "direction": s.direction, "layer_norm": s.ln, "checkpoint": ckpt_desc,
               "train_command": train_info.get("command"), **training_figures(s.run_dir)}
+    if train_info.get("control"):
+        result["control"] = train_info["control"]
     if s.recipe.task == "translation":
         evaluate_translation(s, ckpt, result)
     else:
@@ -278,6 +366,11 @@ def stage_evaluate(s, argv):
     shown = {k: result.get(k) for k in ("bleu", "chrf", "bleu_tokenized", "bleu_compound_split", "perplexity", "bpc")
              if result.get(k) is not None}
     say(f"[evaluate] {s.run_name}: " + ", ".join(f"{k} {v:.2f}" for k, v in shown.items()))
+    inf = result["inference"]
+    speed = (f"{inf['sentences_per_s']:,.1f} sentences/s, " if "sentences_per_s" in inf else "") + f"{inf['tokens_per_s']:,.1f} tokens/s"
+    gpu = (f"{inf['peak_gpu_memory_bytes'] / 2**20:,.0f} MiB" if inf["peak_gpu_memory_bytes"] is not None
+           else inf["peak_gpu_memory"])
+    say(f"  {inf['tool']} on {inf['device']}: {speed}; peak GPU memory {gpu}; peak RSS {inf['peak_rss_bytes'] / 2**20:,.0f} MiB")
     if "bleu_signature" in result:
         say(f"  sacreBLEU signature: {result['bleu_signature']}")
     say(f"  run folder: {s.run_dir}  (compare: python scripts/compare_runs.py --baseline RUN_DIR RUN_DIR ...)")
