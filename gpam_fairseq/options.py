@@ -26,7 +26,7 @@ ATTENTION_TYPES = tuple(MECHANISMS)  # registration order: softmax, dagpam, then
 # The options whose meaning depends on the attention type: each type declares which of them it
 # reads (Mechanism.options_read); given with a type that does not, they are reported once.
 TYPE_OPTIONS = ("gpam_lambda_pos", "gpam_lambda_neg", "gpam_trainable_lambda", "gpam_lambda_scope",
-                "gpam_neg_query", "gpam_neg_query_init")
+                "gpam_neg_query", "gpam_neg_query_init", "gpam_recompute_attention")
 ROLES = ("enc_self", "dec_self", "cross")
 NMT_ROLES = ROLES
 LM_ROLES = ("dec_self",)
@@ -105,6 +105,14 @@ class GPAMConfig(FairseqDataclass):
             "attends where the positive one does not) or random (Xavier uniform)"
         },
     )
+    gpam_recompute_attention: bool = field(
+        default=False,
+        metadata={
+            "help": "keep only the queries, keys and values of each daGPAM attention for the backward "
+            "pass and compute its fused attention again there: less activation memory (no stacked "
+            "queries, outputs or log-sum-exps) for one more fused forward call per layer"
+        },
+    )
     gpam_stats_interval: int = field(
         default=10,
         metadata={
@@ -136,6 +144,7 @@ class GPAMOptions:
     blocks: FrozenSet[str] = frozenset(ROLES)
     neg_query: str = "shared"
     neg_query_init: str = "neg_identity"
+    recompute_attention: bool = False
 
     def type_for(self, role: str) -> str:
         """The attention type of a block: --attention-type if listed in --gpam-blocks."""
@@ -194,6 +203,7 @@ def gpam_options_from_args(args: Any, available_blocks: Tuple[str, ...]) -> GPAM
         ),
         neg_query=_choice(args, "gpam_neg_query", NEG_QUERY_SHARING),
         neg_query_init=_choice(args, "gpam_neg_query_init", NEG_QUERY_INITS),
+        recompute_attention=bool(safe_getattr(args, "gpam_recompute_attention", False)),
     )
     read = set(MECHANISMS[opts.attention_type].options_read)
     if opts.trainable_lambda and "gpam_trainable_lambda" in read:

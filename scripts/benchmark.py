@@ -1,37 +1,39 @@
 #!/usr/bin/env python
-"""Speed and memory of every attention we ship, side by side with stock fairseq attention.
+"""Kernels, saved bytes, speed and memory of every attention we ship, next to stock fairseq.
 
-One process, the same inputs for every row, four levels:
+Five levels, each a function of its inputs (``--levels``, any subset, in this order):
 
-* ``core``: the attention core alone, forward + backward, on per-head (B, H, T, d_h)
-  tensors: one ``scaled_dot_product_attention`` call (the baseline of the issue's stretch
-  target, daGPAM core <= 1.3x one SDPA call) against each mechanism's fused and explicit path.
+* ``ops`` (deterministic, any device, seconds on a CPU): the kernels one forward + backward
+  pass launches, as a GPU launches them, and the bytes autograd keeps for the backward pass
+  (:mod:`gpam_fairseq.profiling`). Rows: one attention module per role (encoder
+  self-attention with padding; decoder self-attention, causal, without and with target
+  padding; cross attention with padding; one incremental beam step of decoder self and of
+  cross attention, forward only), and one whole training step (forward, loss, backward) of
+  each pair (``iwslt``, ``wmt_big``, ``lm512``) at its real size and dictionary. Every row
+  has stock fairseq and each ``--attention-type``. Written to ``ops.csv``.
+* ``core``: the attention core alone, forward + backward, on per-head (B, H, T, d_h) tensors:
+  one ``scaled_dot_product_attention`` call against each mechanism's fused and explicit path.
 * ``attention``: one attention module, forward + backward, at the shapes of the paper's
   setups (``iwslt``: ~4096 tokens, d=512, 4 heads, encoder self-attention with padding;
   ``wmt_big``: ~3584 tokens, d=1024, 16 heads, same; ``lm512`` / ``lm3072``: d=1024,
-  8 heads, causal decoder self-attention). Rows: stock ``fairseq.modules.MultiheadAttention``
-  (its fast path, and with ``need_weights=True``), then every mechanism registered in
-  ``gpam_fairseq.attention.mechanisms.MECHANISMS`` at run time, each on its fused path
-  (no weights requested) and its explicit path (weights requested).
-* ``train``: one training step (forward, cross-entropy, backward, Adam step) of the
-  matching architectures: ``transformer_iwslt_de_en`` / ``transformer_vaswani_wmt_en_de_big``
-  / ``transformer_lm`` (stock) against our ``transformer_gpam_*`` / ``transformer_lm_gpam``
-  with each ``--attention-type``.
-* ``beam``: beam search (beam 5) through fairseq's ``SequenceGenerator`` for the NMT
-  architectures, every hypothesis forced to the same length so that all rows do the same work.
+  8 heads, causal decoder self-attention). Stock ``fairseq.modules.MultiheadAttention`` (its
+  fast path, and with ``need_weights=True``), then every mechanism, fused and explicit.
+* ``train``: one training step (forward, cross-entropy, backward, Adam step) of
+  ``transformer_iwslt_de_en`` / ``transformer_vaswani_wmt_en_de_big`` / ``transformer_lm``
+  (stock) against our ``transformer_gpam_*`` / ``transformer_lm_gpam`` with each type.
+* ``beam``: beam search (beam 5) through fairseq's ``SequenceGenerator`` for the NMT pairs,
+  every hypothesis forced to the same length so that all rows do the same work.
 
-Each row reports the median wall time over ``--repeats`` timed calls (the variants of one
-group are interleaved round by round, so that background load hits them alike), the peak
-memory and, above all, the ratio to the stock row of its group. Peak memory is CUDA's
-``max_memory_allocated`` during one call, minus what was allocated before it (activations,
-gradients, workspaces; not the weights). On a CPU there is no honest per-call figure
-(tracemalloc does not see torch's allocator): the column says ``n/a``.
+Timed rows report the median wall time over ``--repeats`` calls (the variants of one group
+interleaved round by round, so that background load hits them alike), the peak memory
+(CUDA's ``max_memory_allocated`` during one call, minus what was allocated before it; ``n/a``
+on a CPU, where no honest per-call figure exists) and the ratio to the group's stock row.
 
-    python scripts/benchmark.py --device cuda                 # the GPU table (fp32, fp16, bf16)
-    python scripts/benchmark.py --device cpu --dtypes fp32    # the CPU table
-    python scripts/benchmark.py --quick                       # tiny CPU smoke run (the tests)
+    python scripts/benchmark.py --levels ops                      # the deterministic table (CPU)
+    python scripts/benchmark.py --device cuda --levels core,attention,train,beam --dtypes bf16
+    python scripts/benchmark.py --quick                           # tiny CPU smoke run (the tests)
 
-Writes ``benchmark.csv``, ``benchmark.md`` and ``benchmark.png`` into ``--out-dir``.
+Writes ``ops.csv`` / ``benchmark.csv``, ``benchmark.md`` and ``benchmark.png`` into ``--out-dir``.
 """
 
 import argparse
@@ -45,17 +47,16 @@ import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Sequence, Tuple
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+from gpam_fairseq.fairseq_tools import IWSLT_DE, IWSLT_EN, WIKI103, WMT_JOINED, REPO_ROOT
+from gpam_fairseq.fairseq_tools import build_language_model, build_translation_model
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-LEVELS = ("core", "attention", "train", "beam")
+LEVELS = ("ops", "core", "attention", "train", "beam")
 BEAM = 5
 
 
@@ -69,25 +70,30 @@ class Shape:
     embed_dim: int
     heads: int
     causal: bool
-    # whole-model level: stock architecture, ours, vocabulary, extra architecture flags
+    # whole-model levels: stock architecture, ours, dictionary size, extra architecture flags
     stock_arch: str
     gpam_arch: str
     vocab: int
     arch_flags: tuple = ()
     beam_sentences: int = 0  # 0: no beam-search level (language models)
     beam_length: int = 0
+    joined: bool = False  # one dictionary for both languages (WMT)
+
+    @property
+    def is_lm(self) -> bool:
+        return self.beam_sentences == 0
 
 
-# Real sizes: the paper's setups. Vocabularies as fairseq's recipes produce them.
+# Real sizes: the paper's setups, with the dictionaries fairseq's recipes produce.
 FULL_SHAPES = (
     Shape("iwslt", 128, 32, 512, 4, False, "transformer_iwslt_de_en", "transformer_gpam_iwslt_de_en",
-          8848, ("--share-decoder-input-output-embed",), beam_sentences=128, beam_length=32),
+          IWSLT_DE, ("--share-decoder-input-output-embed",), beam_sentences=128, beam_length=32),
     Shape("wmt_big", 112, 32, 1024, 16, False, "transformer_vaswani_wmt_en_de_big",
-          "transformer_gpam_vaswani_wmt_en_de_big", 32768, ("--share-all-embeddings",),
-          beam_sentences=128, beam_length=32),
-    Shape("lm512", 4, 512, 1024, 8, True, "transformer_lm", "transformer_lm_gpam", 267744,
+          "transformer_gpam_vaswani_wmt_en_de_big", WMT_JOINED, ("--share-all-embeddings",),
+          beam_sentences=128, beam_length=32, joined=True),
+    Shape("lm512", 4, 512, 1024, 8, True, "transformer_lm", "transformer_lm_gpam", WIKI103,
           ("--share-decoder-input-output-embed",)),
-    Shape("lm3072", 1, 3072, 1024, 8, True, "transformer_lm", "transformer_lm_gpam", 267744,
+    Shape("lm3072", 1, 3072, 1024, 8, True, "transformer_lm", "transformer_lm_gpam", WIKI103,
           ("--share-decoder-input-output-embed",)),
 )
 
@@ -102,27 +108,26 @@ QUICK_SHAPES = (
           60, ("--share-decoder-input-output-embed",) + _TINY, beam_sentences=3, beam_length=5),
     Shape("wmt_big", 4, 12, 64, 16, False, "transformer_vaswani_wmt_en_de_big",
           "transformer_gpam_vaswani_wmt_en_de_big", 60, ("--share-all-embeddings",) + _TINY,
-          beam_sentences=3, beam_length=5),
+          beam_sentences=3, beam_length=5, joined=True),
     Shape("lm512", 2, 16, 64, 8, True, "transformer_lm", "transformer_lm_gpam", 60,
           ("--share-decoder-input-output-embed",) + _TINY_LM),
     Shape("lm3072", 1, 48, 64, 8, True, "transformer_lm", "transformer_lm_gpam", 60,
           ("--share-decoder-input-output-embed",) + _TINY_LM),
 )
 
+# The ops level: modules at the issue-sized shape below; whole steps of the three pairs at
+# their real architecture and dictionary, on a batch small enough for a CPU (counts do not
+# depend on the batch; saved bytes scale with it, their ratio hardly).
+OPS_MODULE = dict(batch=16, length=32, source=24, embed_dim=512, heads=4, dropout=0.1, beam=BEAM, prefix=8)
+OPS_STEP_BATCH = {"iwslt": (16, 32), "wmt_big": (16, 32), "lm512": (2, 64)}
+OPS_PAIRS = ("iwslt", "wmt_big", "lm512")
+ROLES = ("enc_self", "dec_self", "dec_self_pad", "cross", "beam_self", "beam_cross")
+
 FIELDS = ("level", "shape", "device", "dtype", "variant", "path", "batch", "length", "embed_dim",
           "heads", "causal", "median_ms", "throughput", "throughput_unit", "peak_mem_mb",
           "time_ratio", "mem_ratio", "note")
-
-
-@dataclass
-class Variant:
-    """A row of a group: ``setup`` builds it and returns the callable to time."""
-
-    name: str
-    path: str
-    setup: Callable[[], Callable[[], None]]
-    work: float = 0.0  # tokens or sentences per call, for the throughput column
-    unit: str = ""
+OPS_FIELDS = ("level", "shape", "variant", "path", "kernels_forward", "kernels_backward", "kernels",
+              "kernel_ratio", "host_syncs", "saved_mib", "saved_ratio", "note")
 
 
 def log(msg: str) -> None:
@@ -147,14 +152,278 @@ def padded_lengths(batch: int, length: int, gen: torch.Generator) -> torch.Tenso
 
 
 def future_mask(t: int, dtype: torch.dtype, device) -> torch.Tensor:
-    """fairseq's decoder mask: float -inf above the diagonal."""
-    return torch.triu(torch.full((t, t), float("-inf"), dtype=dtype, device=device), 1)
+    """fairseq's decoder mask: float -inf above the diagonal, recorded as such by our
+    decoder (which the module needs to take the fused kernel's causal path)."""
+    from gpam_fairseq.attention.multihead import mark_causal
+
+    return mark_causal(torch.triu(torch.full((t, t), float("-inf"), dtype=dtype, device=device), 1))
 
 
-# ----------------------------------------------------------------------------- attention level
+def build_model(shape: Shape, arch: str, extra: Sequence[str] = ()):
+    """(model, dictionary) as fairseq-train builds it, with a dictionary of the real size."""
+    flags = [*shape.arch_flags, *extra]
+    if shape.is_lm:
+        model = build_language_model(arch, ["--tokens-per-sample", str(shape.length), *flags], vocab=shape.vocab)
+        return model, model.decoder.dictionary
+    model = build_translation_model(arch, flags, src_size=shape.vocab, tgt_size=shape.vocab, joined=shape.joined)
+    return model, model.decoder.dictionary
 
 
-def attention_variants(shape: Shape, dtype: torch.dtype, device) -> List[Variant]:
+# The ops level measures daGPAM both ways: keeping its fused attention's tensors for the
+# backward pass, and recomputing them there (--gpam-recompute-attention).
+RECOMPUTED = "dagpam-recompute"
+
+
+def variant_flags(variant: str) -> tuple:
+    """The flags of a variant of the ops level: an attention type, or daGPAM recomputed."""
+    if variant == RECOMPUTED:
+        return ("--attention-type", "dagpam", "--gpam-recompute-attention")
+    return ("--attention-type", variant)
+
+
+def model_arms(shape: Shape, types: Sequence[str]) -> List[Tuple[str, str, tuple]]:
+    """(variant name, architecture, extra flags): stock first, then each attention type."""
+    return [("stock", shape.stock_arch, ())] + [(n, shape.gpam_arch, variant_flags(n)) for n in types]
+
+
+def nmt_batch(batch: int, length: int, dictionary, device, gen: torch.Generator):
+    """Left-padded sources, right-padded targets (fairseq's defaults) of random tokens."""
+    pad, eos, low = dictionary.pad(), dictionary.eos(), dictionary.nspecial
+    src_len, tgt_len = padded_lengths(batch, length, gen), padded_lengths(batch, length, gen)
+    src = torch.full((batch, length), pad, dtype=torch.long)
+    tgt = torch.full((batch, length), pad, dtype=torch.long)
+    prev = torch.full((batch, length), pad, dtype=torch.long)
+    for i in range(batch):
+        s, t = int(src_len[i]), int(tgt_len[i])
+        src[i, length - s:] = torch.randint(low, len(dictionary), (s,), generator=gen)
+        src[i, -1] = eos
+        tgt[i, :t] = torch.randint(low, len(dictionary), (t,), generator=gen)
+        tgt[i, t - 1] = eos
+        prev[i, 0] = eos
+        prev[i, 1:t] = tgt[i, : t - 1]
+    return src.to(device), src_len.to(device), prev.to(device), tgt.to(device)
+
+
+def training_loss(model, shape: Shape, batch: int, length: int, dictionary, device, gen):
+    """(loss function of the model, words per call) for one batch of random tokens."""
+    pad = dictionary.pad()
+    if shape.is_lm:
+        tokens = torch.randint(dictionary.nspecial, len(dictionary), (batch, length + 1), generator=gen).to(device)
+        src, tgt = tokens[:, :-1], tokens[:, 1:]
+        forward = lambda: model(src)[0]
+    else:
+        src, src_len, prev, tgt = nmt_batch(batch, length, dictionary, device, gen)
+        forward = lambda: model(src, src_len, prev)[0]
+
+    def loss():
+        logits = forward()
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), tgt.reshape(-1), ignore_index=pad)
+
+    return loss, float(tgt.ne(pad).sum())
+
+
+# ----------------------------------------------------------------------------- ops level
+
+
+def attention_module(variant: str, role: str, embed_dim: int, heads: int, dropout: float):
+    """Stock fairseq MultiheadAttention or ours with the given type, for one role."""
+    from fairseq.modules import MultiheadAttention
+
+    from gpam_fairseq.modules.transformer import build_attention
+    from gpam_fairseq.options import GPAMOptions
+
+    cross = role in ("cross", "beam_cross")
+    kwargs = dict(encoder_decoder_attention=True, kdim=embed_dim, vdim=embed_dim) if cross else dict(self_attention=True)
+    if variant == "stock":
+        return MultiheadAttention(embed_dim, heads, dropout=dropout, **kwargs)
+    ours = {"enc_self": "enc_self", "cross": "cross", "beam_cross": "cross"}.get(role, "dec_self")
+    options = GPAMOptions(attention_type="dagpam", recompute_attention=True) if variant == RECOMPUTED else (
+        GPAMOptions(attention_type=variant))
+    return build_attention(ours, options, embed_dim, heads, dropout=dropout, **kwargs)
+
+
+def module_pass(variant: str, role: str, device) -> Tuple[Callable[[], torch.Tensor], torch.nn.Module, bool, list]:
+    """(forward returning the output, module, whether to run a backward pass, the input
+    leaves that get a gradient) of one role.
+
+    Training roles run as fairseq's layers call them (training mode, attention dropout);
+    beam roles run one incremental step after ``prefix`` steps have filled the cache, with
+    fairseq-generate's beamable cross attention, in evaluation mode under no_grad."""
+    c = OPS_MODULE
+    B, T, S, E, H = c["batch"], c["length"], c["source"], c["embed_dim"], c["heads"]
+    gen = torch.Generator().manual_seed(0)
+    module = attention_module(variant, role, E, H, c["dropout"]).to(device)
+    rand = lambda *shape: torch.randn(*shape, generator=gen).to(device)
+    if role.startswith("beam"):
+        module.eval()
+        n, beam, steps = B // 4, c["beam"], c["prefix"]
+        hyps = n * beam
+        memory = rand(S, n, E).repeat_interleave(beam, dim=1)  # what the generator gives: one copy per hypothesis
+        src_pad = (torch.arange(S).unsqueeze(0) < (S - padded_lengths(n, S, gen)).unsqueeze(1)).to(device)
+        src_pad = src_pad.repeat_interleave(beam, dim=0)
+        state: Dict = {}
+        if role == "beam_cross":
+            module.set_beam_size(beam)
+            step = lambda x, first: module(x, memory if first else None, memory if first else None,
+                                           key_padding_mask=src_pad, incremental_state=state, static_kv=True,
+                                           need_weights=False)[0]
+        else:
+            step = lambda x, first: module(x, x, x, incremental_state=state, need_weights=False)[0]
+        with torch.no_grad():
+            for t in range(steps):
+                step(rand(1, hyps, E), t == 0)
+        x = rand(1, hyps, E)
+        return (lambda: step(x, False)), module, False, []
+    module.train()
+    x = rand(T, B, E).requires_grad_(True)
+    if role == "cross":
+        memory = rand(S, B, E).requires_grad_(True)
+        pad = (torch.arange(S).unsqueeze(0) < (S - padded_lengths(B, S, gen)).unsqueeze(1)).to(device)
+        return (lambda: module(x, memory, memory, key_padding_mask=pad, static_kv=True, need_weights=False)[0]), module, True, [x, memory]
+    lengths = padded_lengths(B, T, gen)
+    if role == "enc_self":  # left padding, as fairseq's source side
+        pad = (torch.arange(T).unsqueeze(0) < (T - lengths).unsqueeze(1)).to(device)
+        return (lambda: module(x, x, x, key_padding_mask=pad, need_weights=False)[0]), module, True, [x]
+    mask = future_mask(T, x.dtype, device)
+    pad = (torch.arange(T).unsqueeze(0) >= lengths.unsqueeze(1)).to(device) if role == "dec_self_pad" else None
+    return (lambda: module(x, x, x, key_padding_mask=pad, attn_mask=mask, need_weights=False)[0]), module, True, [x]
+
+
+def count_row(shape: str, variant: str, path: str, run) -> dict:
+    """Count one pass; ``run()`` returns (forward, parameters (excluded from the saved bytes),
+    whether to run a backward pass, input leaves that get a gradient)."""
+    from gpam_fairseq.attention.multihead import clear_mask_cache
+    from gpam_fairseq.profiling import count_pass
+
+    note = ""
+    try:
+        forward, params, backward, leaves = run()
+        # one pass first: what is made once per process (constants on the device) is not a
+        # cost of the pass; then every row pays for its masks, as the first layer of a stack does
+        with torch.set_grad_enabled(backward):
+            out = forward()
+            if backward:
+                out.float().sum().backward()
+        for leaf in params + leaves:  # fairseq's zero_grad sets None: no gradient to add to
+            leaf.grad = None
+        clear_mask_cache()
+        counter = count_pass(forward, exclude=params, backward=backward)
+        counts = (counter.kernels_forward, counter.kernels_backward, counter.kernels, counter.host_syncs,
+                  counter.saved_bytes / 2**20 if backward else float("nan"))
+    except Exception as exc:  # one broken variant must not hide the others
+        note = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+        counts = (0, 0, 0, 0, float("nan"))
+    fwd, bwd, total, syncs, saved = counts
+    return dict(level="ops", shape=shape, variant=variant, path=path, kernels_forward=fwd, kernels_backward=bwd,
+                kernels=total, host_syncs=syncs, saved_mib=saved, note=note)
+
+
+def with_ratios(group: List[dict]) -> List[dict]:
+    """Ratios of kernels and saved bytes to the group's stock row."""
+    stock = group[0]
+    for r in group:
+        r["kernel_ratio"] = r["kernels"] / stock["kernels"] if stock["kernels"] and r["kernels"] else float("nan")
+        r["saved_ratio"] = (r["saved_mib"] / stock["saved_mib"]
+                            if stock["saved_mib"] == stock["saved_mib"] and stock["saved_mib"] > 0 else float("nan"))
+    return group
+
+
+def ops_level(pairs: Sequence[Shape], device, types: Sequence[str]) -> List[dict]:
+    """The ops rows: every role's module, then every pair's whole training step; daGPAM twice,
+    keeping and recomputing its attention for the backward pass."""
+    variants = [v for t in types for v in ((t, RECOMPUTED) if t == "dagpam" else (t,))]
+    rows: List[dict] = []
+    for role in ROLES:
+        path = "beam step" if role.startswith("beam") else "module"
+
+        def run(variant=None, role=role):
+            forward, module, backward, leaves = module_pass(variant, role, device)
+            return forward, list(module.parameters()), backward, leaves
+
+        group = [count_row(role, v, path, lambda v=v: run(v)) for v in ("stock", *variants)]
+        rows += with_ratios(group)
+        log_ops(group)
+    for shape in pairs:
+        batch, length = OPS_STEP_BATCH[shape.name] if shape in FULL_SHAPES else (shape.batch, shape.length)
+        group = []
+        for variant, arch, extra in model_arms(shape, variants):
+
+            def run(arch=arch, extra=extra):
+                model, dictionary = build_model(shape, arch, extra)
+                model = model.to(device).train()
+                loss, _ = training_loss(model, shape, batch, length, dictionary, device, torch.Generator().manual_seed(1))
+                return loss, list(model.parameters()), True, []
+
+            group.append(count_row(shape.name, variant, "train step", run))
+        rows += with_ratios(group)
+        log_ops(group)
+    return rows
+
+
+def log_ops(group: List[dict]) -> None:
+    for r in group:
+        saved = f"{fmt(r['saved_mib'])} MiB ×{fmt(r['saved_ratio'])}" if r["saved_mib"] == r["saved_mib"] else ""
+        log(f"  ops {r['shape']:>12}/{r['path']:<10} {r['variant']:>13}: {r['kernels_forward']:5d} + "
+            f"{r['kernels_backward']:5d} = {r['kernels']:5d} kernels ×{fmt(r['kernel_ratio'])}  {saved}"
+            + (f"  {r['note']}" if r["note"] else ""))
+
+
+# ----------------------------------------------------------------------------- timed levels
+
+
+@dataclass
+class Variant:
+    """A row of a timed group: ``setup()`` builds it and returns (the callable to time, the
+    work one call does, for the throughput column)."""
+
+    name: str
+    path: str
+    setup: Callable[[], Tuple[Callable[[], None], float]]
+    unit: str = ""
+
+
+def core_variants(shape: Shape, dtype: torch.dtype, device, types: Sequence[str]) -> List[Variant]:
+    from gpam_fairseq.attention.functional import Mask
+    from gpam_fairseq.attention.mechanisms import build_mechanism
+    from gpam_fairseq.options import GPAMOptions
+
+    gen = torch.Generator().manual_seed(0)
+    B, T, heads = shape.batch, shape.length, shape.heads
+    d_h = shape.embed_dim // heads
+    q, k, v = (torch.randn(B, heads, T, d_h, generator=gen).to(device=device, dtype=dtype).requires_grad_(True)
+               for _ in range(3))
+    if shape.causal:  # as our decoder hands it over: the causal mask with no tensor
+        bias, mask, causal = None, Mask(causal=True), True
+    else:
+        lengths = padded_lengths(B, T, gen)
+        pad = torch.arange(T).unsqueeze(0) < (T - lengths).unsqueeze(1)
+        bias = torch.zeros(B, 1, 1, T).masked_fill(pad.view(B, 1, 1, T), float("-inf")).to(device=device, dtype=dtype)
+        mask, causal = Mask(bias), False
+    tokens = float(B * T)
+
+    def backward(out):
+        for t in (q, k, v):
+            t.grad = None
+        out.float().sum().backward()
+
+    def sdpa():
+        return (lambda: backward(F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=causal))), tokens
+
+    def setup_for(name, need_weights):
+        def setup():
+            mechanism = build_mechanism(name, heads, d_h, GPAMOptions(attention_type=name)).to(device=device, dtype=dtype)
+            return (lambda: backward(mechanism(q, k, v, mask, 0.0, need_weights)[0])), tokens
+
+        return setup
+
+    variants = [Variant("sdpa", "one call", sdpa, "tokens/s")]
+    for name in types:
+        variants.append(Variant(name, "fused", setup_for(name, False), "tokens/s"))
+        variants.append(Variant(name, "explicit", setup_for(name, True), "tokens/s"))
+    return variants
+
+
+def attention_variants(shape: Shape, dtype: torch.dtype, device, types: Sequence[str]) -> List[Variant]:
     from fairseq.modules import MultiheadAttention
 
     from gpam_fairseq.modules.transformer import build_attention
@@ -162,14 +431,13 @@ def attention_variants(shape: Shape, dtype: torch.dtype, device) -> List[Variant
 
     gen = torch.Generator().manual_seed(0)
     B, T, E = shape.batch, shape.length, shape.embed_dim
-    x = torch.randn(T, B, E, generator=gen).to(device=device, dtype=dtype)
+    x = torch.randn(T, B, E, generator=gen).to(device=device, dtype=dtype).requires_grad_(True)
     if shape.causal:
         kpm, attn_mask = None, future_mask(T, dtype, device)
     else:  # encoder self-attention over a left-padded batch, as fairseq's source side
         lengths = padded_lengths(B, T, gen)
         kpm = (torch.arange(T).unsqueeze(0) < (T - lengths).unsqueeze(1)).to(device)
         attn_mask = None
-    x.requires_grad_(True)
     tokens = float(B * T)
 
     def setup_for(make_module, need_weights: bool):
@@ -182,200 +450,70 @@ def attention_variants(shape: Shape, dtype: torch.dtype, device) -> List[Variant
                 out, _ = module(x, x, x, key_padding_mask=kpm, attn_mask=attn_mask, need_weights=need_weights)
                 out.float().sum().backward()
 
-            return step
+            return step, tokens
 
         return setup
 
     role = "dec_self" if shape.causal else "enc_self"
-    variants = [
-        Variant("stock", "fast", setup_for(lambda: MultiheadAttention(E, shape.heads, self_attention=True), False), tokens, "tokens/s"),
-        Variant("stock", "weights", setup_for(lambda: MultiheadAttention(E, shape.heads, self_attention=True), True), tokens, "tokens/s"),
-    ]
-    for name in mechanism_names():
+    stock = lambda: MultiheadAttention(E, shape.heads, self_attention=True)
+    variants = [Variant("stock", "fast", setup_for(stock, False), "tokens/s"),
+                Variant("stock", "weights", setup_for(stock, True), "tokens/s")]
+    for name in types:
         make = lambda name=name: build_attention(role, GPAMOptions(attention_type=name), E, shape.heads, self_attention=True)
-        variants.append(Variant(name, "fused", setup_for(make, False), tokens, "tokens/s"))
-        variants.append(Variant(name, "explicit", setup_for(make, True), tokens, "tokens/s"))
+        variants.append(Variant(name, "fused", setup_for(make, False), "tokens/s"))
+        variants.append(Variant(name, "explicit", setup_for(make, True), "tokens/s"))
     return variants
 
 
-def core_variants(shape: Shape, dtype: torch.dtype, device) -> List[Variant]:
-    from gpam_fairseq.attention.mechanisms import build_mechanism
-    from gpam_fairseq.options import GPAMOptions
-
-    gen = torch.Generator().manual_seed(0)
-    B, T, heads = shape.batch, shape.length, shape.heads
-    d_h = shape.embed_dim // heads
-    q, k, v = (torch.randn(B, heads, T, d_h, generator=gen).to(device=device, dtype=dtype).requires_grad_(True)
-               for _ in range(3))
-    if shape.causal:
-        bias = future_mask(T, dtype, device).view(1, 1, T, T)
-    else:
-        lengths = padded_lengths(B, T, gen)
-        pad = torch.arange(T).unsqueeze(0) < (T - lengths).unsqueeze(1)
-        bias = torch.zeros(B, 1, 1, T).masked_fill(pad.view(B, 1, 1, T), float("-inf")).to(device=device, dtype=dtype)
-    tokens = float(B * T)
-
-    def backward(out):
-        for t in (q, k, v):
-            t.grad = None
-        out.float().sum().backward()
-
-    def sdpa():
-        return lambda: backward(F.scaled_dot_product_attention(q, k, v, attn_mask=bias))
-
-    def setup_for(name, need_weights):
-        def setup():
-            mechanism = build_mechanism(name, heads, d_h, GPAMOptions(attention_type=name)).to(device=device, dtype=dtype)
-            return lambda: backward(mechanism(q, k, v, bias, 0.0, need_weights)[0])
-
-        return setup
-
-    variants = [Variant("sdpa", "one call", sdpa, tokens, "tokens/s")]
-    for name in mechanism_names():
-        variants.append(Variant(name, "fused", setup_for(name, False), tokens, "tokens/s"))
-        variants.append(Variant(name, "explicit", setup_for(name, True), tokens, "tokens/s"))
-    return variants
-
-
-# ----------------------------------------------------------------------------- model levels
-
-
-def build_model(shape: Shape, arch: str, extra=()):
-    """A model built the way fairseq-train builds it, with dictionaries of the real size."""
-    from fairseq import options
-    from fairseq.data import Dictionary
-    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
-    from fairseq.tasks.language_modeling import LanguageModelingTask
-    from fairseq.tasks.translation import TranslationTask
-
-    import gpam_fairseq  # noqa: F401  (registers our models)
-
-    dictionary = Dictionary()
-    for i in range(shape.vocab - len(dictionary)):
-        dictionary.add_symbol(f"w{i}")
-    lm = shape.beam_sentences == 0
-    task_flags = (["--task", "language_modeling", "--tokens-per-sample", str(shape.length)] if lm
-                  else ["--task", "translation", "-s", "src", "-t", "tgt"])
-    cli = ["/nonexistent-data", *task_flags, "--arch", arch, *shape.arch_flags, *extra]
-    args = options.parse_args_and_arch(options.get_training_parser(), cli)
-    cfg = convert_namespace_to_omegaconf(args)
-    if lm:
-        task = LanguageModelingTask(cfg.task, dictionary, dictionary, targets=["future"])
-    else:
-        task = TranslationTask(cfg.task, dictionary, dictionary)
-    return task.build_model(cfg.model), dictionary
-
-
-# Built models, reused by every dtype and by the beam level after the train level (building
-# a WMT-big or a 267k-word LM takes seconds; the weights' values do not matter for timing).
-# Each group casts its models to its device and dtype, and they go back to fp32 on the CPU
-# afterwards so that one group's GPU memory is free for the next.
-_MODEL_CACHE: Dict[tuple, tuple] = {}
-
-
-def cached_model(shape: Shape, arch: str, extra=()):
-    key = (shape.name, shape.length, shape.vocab, shape.arch_flags, arch, tuple(extra))
-    if key not in _MODEL_CACHE:
-        _MODEL_CACHE[key] = build_model(shape, arch, extra)
-    return _MODEL_CACHE[key]
-
-
-def park_models() -> None:
-    for model, _ in _MODEL_CACHE.values():
-        model.to(device="cpu", dtype=torch.float32)
-
-
-def model_arms(shape: Shape):
-    """(variant name, architecture, extra flags): stock first, then every attention type."""
-    arms = [("stock", shape.stock_arch, ())]
-    arms += [(n, shape.gpam_arch, ("--attention-type", n)) for n in mechanism_names()]
-    return arms
-
-
-def nmt_batch(shape: Shape, dictionary, device, gen: torch.Generator):
-    B, T = shape.batch, shape.length
-    pad, eos = dictionary.pad(), dictionary.eos()
-    low = dictionary.nspecial
-    src_len, tgt_len = padded_lengths(B, T, gen), padded_lengths(B, T, gen)
-    src = torch.full((B, T), pad, dtype=torch.long)
-    tgt = torch.full((B, T), pad, dtype=torch.long)
-    prev = torch.full((B, T), pad, dtype=torch.long)
-    for i in range(B):
-        s, t = int(src_len[i]), int(tgt_len[i])
-        src[i, T - s:] = torch.randint(low, len(dictionary), (s,), generator=gen)  # left padded
-        src[i, -1] = eos
-        tgt[i, :t] = torch.randint(low, len(dictionary), (t,), generator=gen)  # right padded
-        tgt[i, t - 1] = eos
-        prev[i, 0] = eos
-        prev[i, 1:t] = tgt[i, : t - 1]
-    return src.to(device), src_len.to(device), prev.to(device), tgt.to(device)
-
-
-def train_variants(shape: Shape, dtype: torch.dtype, device) -> List[Variant]:
+def train_variants(shape: Shape, dtype: torch.dtype, device, types: Sequence[str]) -> List[Variant]:
     def setup_for(arch, extra):
         def setup():
-            model, dictionary = cached_model(shape, arch, extra)
+            model, dictionary = build_model(shape, arch, extra)
             model = model.to(device=device, dtype=dtype).train()
             opt = torch.optim.Adam(model.parameters(), lr=1e-5, eps=1e-4)
-            gen = torch.Generator().manual_seed(1)
-            pad = dictionary.pad()
-            if shape.beam_sentences:
-                src, src_len, prev, tgt = nmt_batch(shape, dictionary, device, gen)
-                forward = lambda: model(src, src_len, prev)[0]
-            else:
-                tokens = torch.randint(dictionary.nspecial, len(dictionary), (shape.batch, shape.length + 1), generator=gen).to(device)
-                src, tgt = tokens[:, :-1], tokens[:, 1:]
-                forward = lambda: model(src)[0]
+            loss, words = training_loss(model, shape, shape.batch, shape.length, dictionary, device,
+                                        torch.Generator().manual_seed(1))
 
             def step():
                 opt.zero_grad(set_to_none=True)
-                logits = forward()
-                loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), tgt.reshape(-1), ignore_index=pad)
-                loss.backward()
+                loss().backward()
                 opt.step()
 
-            setup.words = float(tgt.ne(pad).sum())
-            return step
+            return step, words
 
         return setup
 
-    variants = []
-    for name, arch, extra in model_arms(shape):
-        setup = setup_for(arch, extra)
-        variants.append(Variant(name, "train", setup, 0.0, "words/s"))
-    return variants
+    return [Variant(name, "train", setup_for(arch, extra), "words/s") for name, arch, extra in model_arms(shape, types)]
 
 
-def beam_variants(shape: Shape, dtype: torch.dtype, device) -> List[Variant]:
+def beam_variants(shape: Shape, dtype: torch.dtype, device, types: Sequence[str]) -> List[Variant]:
     from fairseq.sequence_generator import SequenceGenerator
 
     def setup_for(arch, extra):
         def setup():
-            model, dictionary = cached_model(shape, arch, extra)
+            model, dictionary = build_model(shape, arch, extra)  # its own model: generation changes it
             model = model.to(device=device, dtype=dtype).eval()
             # what fairseq-generate does (beamable cross attention, no alignment output)
             model.make_generation_fast_(beamable_mm_beam_size=BEAM, need_attn=False)
             # every hypothesis gets exactly beam_length tokens: equal work in every row
             generator = SequenceGenerator([model], dictionary, beam_size=BEAM, max_len_a=0,
                                           max_len_b=shape.beam_length, min_len=shape.beam_length)
-            gen = torch.Generator().manual_seed(2)
-            big = Shape(**{**shape.__dict__, "batch": shape.beam_sentences})
-            src, src_len, _, _ = nmt_batch(big, dictionary, device, gen)
+            src, src_len, _, _ = nmt_batch(shape.beam_sentences, shape.length, dictionary, device,
+                                           torch.Generator().manual_seed(2))
             sample = {"net_input": {"src_tokens": src, "src_lengths": src_len}}
 
             def step():
                 with torch.no_grad():
                     generator.generate([model], sample)
 
-            return step
+            return step, float(shape.beam_sentences)
 
         return setup
 
-    return [Variant(name, "beam5", setup_for(arch, extra), float(shape.beam_sentences), "sentences/s")
-            for name, arch, extra in model_arms(shape)]
+    return [Variant(name, "beam5", setup_for(arch, extra), "sentences/s") for name, arch, extra in model_arms(shape, types)]
 
 
-# ----------------------------------------------------------------------------- measuring
+TIMED_LEVELS = {"core": core_variants, "attention": attention_variants, "train": train_variants, "beam": beam_variants}
 
 
 def synchronize(device) -> None:
@@ -383,17 +521,15 @@ def synchronize(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_group(level: str, shape: Shape, dtype_name: str, device, variants: List[Variant],
-              warmup: int, repeats: int) -> List[dict]:
+def time_group(level: str, shape: Shape, dtype_name: str, device, variants: List[Variant],
+               warmup: int, repeats: int) -> List[dict]:
     """Warm every variant up, take each one's peak memory alone, then time them round by round."""
     steps: Dict[int, Callable] = {}
+    work: Dict[int, float] = {}
     notes: Dict[int, str] = {}
     for i, var in enumerate(variants):
         try:
-            steps[i] = var.setup()
-            words = getattr(var.setup, "words", None)
-            if words:
-                var.work = words
+            steps[i], work[i] = var.setup()
             for _ in range(warmup):
                 steps[i]()
         except Exception as exc:  # one broken variant must not hide the others
@@ -425,7 +561,7 @@ def run_group(level: str, shape: Shape, dtype_name: str, device, variants: List[
             path=var.path, batch=shape.beam_sentences if level == "beam" else shape.batch,
             length=shape.beam_length if level == "beam" else shape.length, embed_dim=shape.embed_dim,
             heads=shape.heads, causal=shape.causal, median_ms=median * 1e3,
-            throughput=var.work / median if var.work and median == median else float("nan"),
+            throughput=work.get(i, 0.0) / median if work.get(i) and median == median else float("nan"),
             throughput_unit=var.unit, peak_mem_mb=peak.get(i, float("nan")), note=notes.get(i, ""),
         ))
     # ratios to the first row of the group: stock fairseq (its fast path at the attention
@@ -435,6 +571,26 @@ def run_group(level: str, shape: Shape, dtype_name: str, device, variants: List[
         r["time_ratio"] = r["median_ms"] / stock["median_ms"] if stock else float("nan")
         r["mem_ratio"] = (r["peak_mem_mb"] / stock["peak_mem_mb"]
                           if stock and stock["peak_mem_mb"] > 0 else float("nan"))
+    return rows
+
+
+def timed_level(level: str, shapes: Sequence[Shape], dtype_names: Sequence[str], device, types: Sequence[str],
+                warmup: int, repeats: int, on_group: Callable[[List[dict]], None]) -> List[dict]:
+    """One timed level over shapes x dtypes; ``on_group`` sees every finished group."""
+    rows: List[dict] = []
+    groups = [(s, d) for s in shapes for d in dtype_names if not (level == "beam" and s.is_lm)]
+    for n, (shape, dname) in enumerate(groups, 1):
+        log(f"{level} group {n}/{len(groups)}: {shape.name} {dname}")
+        group = time_group(level, shape, dname, device, TIMED_LEVELS[level](shape, DTYPES[dname], device, types),
+                           warmup, repeats)
+        base = f"{group[0]['variant']}/{group[0]['path']}"
+        for r in group:
+            log(f"  {r['variant']:>14}/{r['path']:<8} {fmt(r['median_ms']):>10} ms  ×{fmt(r['time_ratio'])} {base}"
+                + (f"  {fmt(r['peak_mem_mb'], 1)} MiB ×{fmt(r['mem_ratio'])}" if device.type == "cuda" else ""))
+        rows += group
+        on_group(rows)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     return rows
 
 
@@ -449,15 +605,27 @@ def fmt(value, digits=2) -> str:
     return str(value)
 
 
-def write_csv(rows: List[dict], path: str) -> None:
+def write_csv(rows: List[dict], path: str, fields: Sequence[str]) -> None:
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         for r in rows:
-            writer.writerow({k: ("n/a" if isinstance(r[k], float) and math.isnan(r[k]) else r[k]) for k in FIELDS})
+            writer.writerow({k: ("n/a" if isinstance(r[k], float) and math.isnan(r[k]) else r[k]) for k in fields})
 
 
-def markdown_table(rows: List[dict]) -> str:
+def ops_table(rows: List[dict]) -> str:
+    head = ("| row | path | variant | kernels fwd + bwd | × stock | host syncs | saved for backward | × stock |\n"
+            "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |\n")
+    lines = []
+    for r in rows:
+        saved = f"{fmt(r['saved_mib'], 1)} MiB" if r["saved_mib"] == r["saved_mib"] else "n/a (no backward)"
+        lines.append(f"| {r['shape']} | {r['path']} | {r['variant']} | {r['kernels_forward']} + {r['kernels_backward']}"
+                     f" = {r['kernels']} | {fmt(r['kernel_ratio'])} | {r['host_syncs']} | {saved} | "
+                     f"{fmt(r['saved_ratio'])} |" + (f" {r['note']}" if r["note"] else ""))
+    return head + "\n".join(lines) + "\n"
+
+
+def timing_table(rows: List[dict]) -> str:
     head = ("| level | shape | dtype | variant | path | B×T | median ms | throughput | peak MiB | × stock time | × stock mem |\n"
             "| --- | --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |\n")
     lines = []
@@ -480,7 +648,7 @@ def environment() -> str:
             f"Python {platform.python_version()}, torch {torch.__version__}, fairseq {fairseq.__version__}")
 
 
-def write_plot(rows: List[dict], path: str) -> None:
+def write_plot(ops_rows: List[dict], timed_rows: List[dict], path: str) -> None:
     import logging
 
     import matplotlib
@@ -489,14 +657,28 @@ def write_plot(rows: List[dict], path: str) -> None:
     logging.getLogger("matplotlib").setLevel(logging.WARNING)  # fairseq turns DEBUG on
     import matplotlib.pyplot as plt
 
-    levels = [lv for lv in LEVELS if any(r["level"] == lv for r in rows)]
-    fig, axes = plt.subplots(len(levels), 1, figsize=(9, 0.22 * len(rows) + 1.6 * len(levels)), squeeze=False)
-    # the issue's targets: core <= 1.3x one SDPA call (stretch), words/s >= 0.9x stock, beam <= 1.15x
-    targets = {"core": 1.3, "train": 1 / 0.9, "beam": 1.15}
-    for ax, level in zip(axes[:, 0], levels):
-        sel = [r for r in rows if r["level"] == level]
-        labels = [f"{r['shape']} {r['dtype']} {r['variant']}/{r['path']}" for r in sel]
-        values = [r["time_ratio"] if r["time_ratio"] == r["time_ratio"] else 0.0 for r in sel]
+    panels = []
+    if ops_rows:
+        panels.append(("ops: kernels", [r for r in ops_rows if r["variant"] != "stock"], "kernel_ratio",
+                       "kernels relative to stock fairseq", None))
+        panels.append(("ops: saved for backward", [r for r in ops_rows if r["variant"] != "stock"
+                                                   and r["saved_ratio"] == r["saved_ratio"]], "saved_ratio",
+                       "saved bytes relative to stock fairseq", None))
+    # the targets: words/s >= 0.95x stock, beam <= 1.15x
+    targets = {"train": 1 / 0.95, "beam": 1.15}
+    for level in LEVELS[1:]:
+        sel = [r for r in timed_rows if r["level"] == level]
+        if sel:
+            base = "one SDPA call" if level == "core" else "stock fairseq"
+            panels.append((f"{level} ({sel[0]['device']})", sel, "time_ratio",
+                           f"time relative to {base} (lower is faster)", targets.get(level)))
+    if not panels:
+        return
+    height = sum(0.2 * len(p[1]) + 1.4 for p in panels)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(9, height), squeeze=False)
+    for ax, (title, sel, key, xlabel, target) in zip(axes[:, 0], panels):
+        labels = [f"{r['shape']} {r.get('dtype', '')} {r['variant']}/{r['path']}" for r in sel]
+        values = [r[key] if r[key] == r[key] else 0.0 for r in sel]
         colors = ["grey" if r["variant"] in ("stock", "sdpa") else "tab:blue" if r["variant"] == "softmax"
                   else "tab:red" if r["variant"] == "dagpam" else "tab:green" for r in sel]
         ax.barh(range(len(sel)), values, color=colors)
@@ -504,12 +686,11 @@ def write_plot(rows: List[dict], path: str) -> None:
         ax.set_yticklabels(labels, fontsize=6)
         ax.invert_yaxis()
         ax.axvline(1.0, color="black", lw=0.8)
-        if level in targets:
-            ax.axvline(targets[level], color="tab:orange", lw=0.8, ls="--", label=f"target {targets[level]:.2f}×")
+        if target:
+            ax.axvline(target, color="tab:orange", lw=0.8, ls="--", label=f"target {target:.2f}×")
             ax.legend(fontsize=7, loc="lower right")
-        base = "one SDPA call" if level == "core" else "stock fairseq"
-        ax.set_xlabel(f"time relative to {base} (lower is faster)")
-        ax.set_title(f"{level} ({sel[0]['device']})", fontsize=9)
+        ax.set_xlabel(xlabel)
+        ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -521,16 +702,20 @@ def write_plot(rows: List[dict], path: str) -> None:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available, else cpu)")
-    p.add_argument("--dtypes", default=None, help="comma list of fp32,fp16,bf16 (default: all three on cuda, fp32 on cpu)")
+    p.add_argument("--dtypes", default=None, help="comma list of fp32,fp16,bf16 for the timed levels "
+                   "(default: all three on cuda, fp32 on cpu); the ops level counts in fp32")
     p.add_argument("--levels", default=",".join(LEVELS), help=f"comma list of {','.join(LEVELS)}")
-    p.add_argument("--shapes", default=None, help="comma list of iwslt,wmt_big,lm512,lm3072 (default: all)")
+    p.add_argument("--shapes", default=None, help="comma list of iwslt,wmt_big,lm512,lm3072 (default: all; "
+                   "the ops level's training steps use iwslt, wmt_big and lm512)")
+    p.add_argument("--types", default=None, help="comma list of attention types (default: every registered one)")
     p.add_argument("--repeats", type=int, default=None, help="timed calls per row (default 10, beam level 3; --quick 2)")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 3; --quick 1)")
     p.add_argument("--batch-scale", type=float, default=1.0,
-                   help="multiply every batch size (and the beam level's sentences) by this, e.g. 0.125 on a CPU")
+                   help="multiply every timed batch size (and the beam level's sentences) by this, e.g. 0.125 on a CPU")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice; --quick 1)")
-    p.add_argument("--quick", action="store_true", help="tiny shapes on the CPU: a smoke run of every row in seconds")
-    p.add_argument("--out-dir", default=os.path.join(REPO, "runs", "benchmark"), help="where the CSV, Markdown and PNG go")
+    p.add_argument("--quick", action="store_true", help="tiny shapes on the CPU: a smoke run of every row in seconds "
+                   "(the ops level's modules keep their size; its training steps use the tiny models)")
+    p.add_argument("--out-dir", default=os.path.join(REPO_ROOT, "runs", "benchmark"), help="where the CSV, Markdown and PNG go")
     return p.parse_args(argv)
 
 
@@ -540,7 +725,6 @@ def main(argv=None) -> List[dict]:
         return run(argv)
     finally:
         torch.set_num_threads(threads_before)  # main() also runs inside the tests' process
-        _MODEL_CACHE.clear()
 
 
 def run(argv=None) -> List[dict]:
@@ -561,58 +745,66 @@ def run(argv=None) -> List[dict]:
     for lv in levels:
         if lv not in LEVELS:
             sys.exit(f"benchmark: --levels: unknown {lv!r}; choose from {', '.join(LEVELS)}")
-    shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
-    if args.shapes:
-        wanted = args.shapes.split(",")
-        unknown = set(wanted) - {s.name for s in shapes}
+    types = mechanism_names()
+    if args.types:
+        unknown = set(args.types.split(",")) - set(types)
         if unknown:
-            sys.exit(f"benchmark: --shapes: unknown {sorted(unknown)}; choose from {', '.join(s.name for s in shapes)}")
-        shapes = tuple(s for s in shapes if s.name in wanted)
+            sys.exit(f"benchmark: --types: unknown {sorted(unknown)}; choose from {', '.join(types)}")
+        types = [t for t in types if t in args.types.split(",")]
+    shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
+    wanted = args.shapes.split(",") if args.shapes else [s.name for s in shapes]
+    unknown = set(wanted) - {s.name for s in shapes}
+    if unknown:
+        sys.exit(f"benchmark: --shapes: unknown {sorted(unknown)}; choose from {', '.join(s.name for s in shapes)}")
+    timed_shapes = tuple(s for s in shapes if s.name in wanted)
+    ops_pairs = tuple(s for s in shapes if s.name in OPS_PAIRS and s.name in wanted)
     if not args.batch_scale > 0:
         sys.exit(f"benchmark: --batch-scale: must be > 0, got {args.batch_scale}")
     if args.batch_scale != 1.0:
         scaled = lambda n: max(1, round(n * args.batch_scale)) if n else 0
-        shapes = tuple(dataclasses.replace(s, batch=scaled(s.batch), beam_sentences=scaled(s.beam_sentences))
-                       for s in shapes)
+        timed_shapes = tuple(dataclasses.replace(s, batch=scaled(s.batch), beam_sentences=scaled(s.beam_sentences))
+                             for s in timed_shapes)
     repeats = args.repeats or (2 if args.quick else 10)
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
     os.makedirs(args.out_dir, exist_ok=True)
-    log(f"{environment()}; device {device}, dtypes {dtype_names}, levels {levels}, "
-        f"mechanisms {mechanism_names()}, {repeats} timed calls per row, {warmup} warm-up")
+    log(f"{environment()}; device {device}, dtypes {dtype_names}, levels {levels}, types {types}, "
+        f"{repeats} timed calls per row, {warmup} warm-up")
 
-    builders = {"core": core_variants, "attention": attention_variants, "train": train_variants, "beam": beam_variants}
-    # canonical order: a model used by the beam level cannot train any more (fairseq's
-    # make_generation_fast_), so the train level always runs first
-    levels = [lv for lv in LEVELS if lv in levels]
-    groups = [(lv, s, d) for lv in levels for s in shapes for d in dtype_names
-              if not (lv == "beam" and not s.beam_sentences)]
-    rows: List[dict] = []
     start = time.time()
-    for n, (level, shape, dname) in enumerate(groups, 1):
-        log(f"group {n}/{len(groups)}: {level} {shape.name} {dname} ({time.time() - start:.0f} s so far)")
+    ops_rows: List[dict] = []
+    timed_rows: List[dict] = []
+    csv_path = os.path.join(args.out_dir, "benchmark.csv")
+    ops_path = os.path.join(args.out_dir, "ops.csv")
+    if "ops" in levels:
+        log(f"ops: kernels and saved bytes, module per role and whole training steps ({', '.join(s.name for s in ops_pairs)})")
+        ops_rows = ops_level(ops_pairs, device, types)
+        write_csv(ops_rows, ops_path, OPS_FIELDS)
+        print(ops_table(ops_rows), flush=True)
+    for level in LEVELS[1:]:
+        if level not in levels:
+            continue
         # a beam-search call lasts seconds: fewer of them unless --repeats was given
         reps, warm = (min(repeats, 3), min(warmup, 1)) if level == "beam" and args.repeats is None else (repeats, warmup)
-        group = run_group(level, shape, dname, device, builders[level](shape, DTYPES[dname], device), warm, reps)
-        r0 = f"{group[0]['variant']}/{group[0]['path']}"  # the group's baseline
-        for r in group:
-            log(f"  {r['variant']:>14}/{r['path']:<8} {fmt(r['median_ms']):>10} ms  ×{fmt(r['time_ratio'])} {r0}"
-                + (f"  {fmt(r['peak_mem_mb'], 1)} MiB ×{fmt(r['mem_ratio'])}" if device.type == "cuda" else ""))
-        rows += group
-        write_csv(rows, os.path.join(args.out_dir, "benchmark.csv"))  # partial results survive a time limit
-        park_models()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-
-    csv_path = os.path.join(args.out_dir, "benchmark.csv")
+        done = list(timed_rows)
+        timed_rows = done + timed_level(level, timed_shapes, dtype_names, device, types, warm, reps,
+                                        # partial results survive a time limit
+                                        lambda rows: write_csv(done + rows, csv_path, FIELDS))
+    if timed_rows:
+        write_csv(timed_rows, csv_path, FIELDS)
     md_path = os.path.join(args.out_dir, "benchmark.md")
     png_path = os.path.join(args.out_dir, "benchmark.png")
-    write_csv(rows, csv_path)
     with open(md_path, "w") as f:
         f.write(f"Command: `python scripts/benchmark.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n\n"
-                f"{environment()}\n\n{markdown_table(rows)}")
-    write_plot(rows, png_path)
-    log(f"done in {time.time() - start:.0f} s: {csv_path}, {md_path}, {png_path}")
-    return rows
+                f"{environment()}\n\n")
+        if ops_rows:
+            f.write("Kernels launched by one forward + backward pass (a fused attention call counts one each "
+                    "way) and bytes kept for the backward pass; deterministic.\n\n" + ops_table(ops_rows) + "\n")
+        if timed_rows:
+            f.write(timing_table(timed_rows))
+    write_plot(ops_rows, timed_rows, png_path)
+    log(f"done in {time.time() - start:.0f} s: {md_path}, {png_path}"
+        + (f", {ops_path}" if ops_rows else "") + (f", {csv_path}" if timed_rows else ""))
+    return ops_rows + timed_rows
 
 
 if __name__ == "__main__":

@@ -1,22 +1,27 @@
 #!/usr/bin/env python
-"""Words/s of real ``fairseq-train`` runs: each stock architecture against its daGPAM twin.
+"""Words/s of real ``fairseq-train`` runs, each stock architecture against its daGPAM twin.
 
 The training-speed target (docs/performance.md) is the throughput that ``fairseq-train`` logs, at identical
 settings, so this script runs exactly that: it writes a synthetic corpus (random tokens,
 Zipf-distributed, the recipes' vocabulary sizes), binarises it once with ``fairseq-preprocess``
-and then, for each pair, runs ``fairseq-train`` with the stock ``--arch`` and with ours, rounds
-interleaved (stock, ours, stock, ours, ...), the same flags, seed and data. The figure per run
-is the median ``wps`` of its ``train_inner`` log records after the first ``--skip`` records
-(start-up, cuDNN autotuning and allocator warm-up), and the ratio is ours / stock.
+and then, for each pair, runs ``fairseq-train`` with the stock ``--arch`` and with ours, in
+``--rounds`` interleaved rounds (stock, ours, stock, ours, ...), the same flags, seed and data.
 
-    python scripts/benchmark_fairseq_train.py --pairs iwslt,lm512 --precision fp16   # a GPU
-    python scripts/benchmark_fairseq_train.py --quick                                # CPU smoke run
+Steady state only: the ``train_inner`` records of the first ``--discard-updates`` updates of
+every run (start-up, kernel autotuning, allocator warm-up) are dropped by their update count,
+and a run's figure is the median ``wps`` of the records left. A pair's figure is the median
+of its rounds' figures with their min–max, and its ratio (ours / stock, the median of the
+per-round ratios) is printed with the min–max of those ratios: one round gives no spread,
+and its ratio is marked as such.
+
+    python scripts/benchmark_fairseq_train.py --pairs iwslt,lm512 --rounds 3   # a GPU
+    python scripts/benchmark_fairseq_train.py --quick                          # CPU smoke run
 
 Pairs: ``iwslt`` (transformer_iwslt_de_en / transformer_gpam_iwslt_de_en, --max-tokens 4096),
 ``wmt_big`` (transformer_vaswani_wmt_en_de_big / transformer_gpam_vaswani_wmt_en_de_big,
 --max-tokens 3584), ``lm512`` (transformer_lm / transformer_lm_gpam, --tokens-per-sample 512,
---max-tokens 4096). Writes ``fairseq_train.csv`` and ``fairseq_train.md`` into ``--out-dir``
-and keeps every run's log there.
+--max-tokens 4096). Writes ``fairseq_train.csv`` (one row a run), ``fairseq_train.md`` (the
+per-pair summary first) into ``--out-dir`` and keeps every run's log there.
 """
 
 import argparse
@@ -28,11 +33,7 @@ import time
 
 import numpy as np
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-USER_DIR = os.path.join(REPO, "gpam_fairseq")
-sys.path.insert(0, os.path.join(REPO, "examples", "quickstart"))
-
-from demo import log_records, run_logged  # noqa: E402  (the project's one runner and log parser)
+from gpam_fairseq.fairseq_tools import REPO_ROOT, USER_DIR, log_records, run_logged
 
 NMT_FLAGS = ["--share-decoder-input-output-embed", "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)",
              "--clip-norm", "0.0", "--lr", "5e-4", "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "4000",
@@ -55,7 +56,8 @@ TINY_NMT = ["--encoder-layers", "1", "--decoder-layers", "1", "--encoder-embed-d
             "2", "--decoder-attention-heads", "2"]
 TINY_LM = ["--decoder-layers", "1", "--decoder-embed-dim", "32", "--decoder-ffn-embed-dim", "64",
            "--decoder-attention-heads", "2"]
-FIELDS = ("pair", "precision", "round", "arch", "updates", "median_wps", "ratio_to_stock", "wall_s")
+FIELDS = ("pair", "precision", "round", "arch", "updates", "records", "median_wps", "min_wps", "max_wps",
+          "ratio_to_stock", "wall_s")
 
 
 def log(msg):
@@ -107,12 +109,41 @@ def preprocess(work, vocab, sentences, workers):
     return nmt_bin, lm_bin
 
 
-def median_wps(text, skip):
+def steady_wps(text, discard_updates):
+    """(median, min, max of the logged wps, number of records, last update) over the
+    train_inner records logged after update ``discard_updates``."""
     records = log_records(text.splitlines(), "train_inner")
-    values = [float(r["wps"]) for r in records[skip:]] or [float(r["wps"]) for r in records]
-    if not values:
+    if not records:
         raise SystemExit("error: fairseq-train logged no train_inner record; raise --updates or lower --log-interval")
-    return statistics.median(values), int(records[-1]["num_updates"])
+    kept = [float(r["wps"]) for r in records if int(r["num_updates"]) > discard_updates]
+    if not kept:
+        raise SystemExit(f"error: no train_inner record after update {discard_updates} (the last is "
+                         f"{records[-1]['num_updates']}); lower --discard-updates or raise --updates")
+    return statistics.median(kept), min(kept), max(kept), len(kept), int(records[-1]["num_updates"])
+
+
+def summarise(rows):
+    """Per pair: the median of the round medians (min–max) of both architectures, and the
+    median (min–max) of the per-round ratios."""
+    out = []
+    for pair in dict.fromkeys(r["pair"] for r in rows):
+        runs = [r for r in rows if r["pair"] == pair]
+        stock = [r for r in runs if r["arch"] == runs[0]["arch"]]
+        ours = [r for r in runs if r["arch"] != runs[0]["arch"]]
+        ratios = [r["ratio_to_stock"] for r in ours]
+        med = lambda rs: statistics.median(r["median_wps"] for r in rs)
+        out.append(dict(pair=pair, rounds=len(ours), stock_arch=stock[0]["arch"], our_arch=ours[0]["arch"],
+                        stock_wps=med(stock), stock_min=min(r["median_wps"] for r in stock),
+                        stock_max=max(r["median_wps"] for r in stock), our_wps=med(ours),
+                        our_min=min(r["median_wps"] for r in ours), our_max=max(r["median_wps"] for r in ours),
+                        ratio=statistics.median(ratios), ratio_min=min(ratios), ratio_max=max(ratios)))
+    return out
+
+
+def ratio_text(s):
+    if s["rounds"] < 2:
+        return f"{s['ratio']:.3f} (one round: no spread, not a figure to quote)"
+    return f"{s['ratio']:.3f} (rounds {s['ratio_min']:.3f}–{s['ratio_max']:.3f})"
 
 
 def train_command(data, arch, task_flags, batch_flags, args, extra):
@@ -126,14 +157,20 @@ def train_command(data, arch, task_flags, batch_flags, args, extra):
 
 
 def markdown(rows, args):
-    lines = [f"`fairseq-train` words/s, {args.device}, {args.precision}, {args.updates} updates a run, median of "
-             f"the train_inner records after the first {args.skip}; {args.rounds} interleaved round(s).", "",
-             "| pair | round | stock arch | stock wps | daGPAM arch | daGPAM wps | daGPAM / stock |",
-             "| --- | ---: | --- | ---: | --- | ---: | ---: |"]
-    for i in range(0, len(rows), 2):
-        stock, ours = rows[i], rows[i + 1]
-        lines.append(f"| {stock['pair']} | {stock['round']} | {stock['arch']} | {stock['median_wps']:,.0f} | "
-                     f"{ours['arch']} | {ours['median_wps']:,.0f} | {ours['ratio_to_stock']:.3f} |")
+    lines = [f"`fairseq-train` words/s, {args.device}, {args.precision}, {args.updates} updates a run, the median "
+             f"of the train_inner records after update {args.discard_updates}; {args.rounds} interleaved round(s).",
+             "", "| pair | rounds | stock arch | stock wps: median (min–max) | daGPAM wps: median (min–max) "
+             "| daGPAM / stock: median (min–max of rounds) |", "| --- | ---: | --- | ---: | ---: | ---: |"]
+    for s in summarise(rows):
+        lines.append(f"| {s['pair']} | {s['rounds']} | {s['stock_arch']} | {s['stock_wps']:,.0f} "
+                     f"({s['stock_min']:,.0f}–{s['stock_max']:,.0f}) | {s['our_wps']:,.0f} "
+                     f"({s['our_min']:,.0f}–{s['our_max']:,.0f}) | {ratio_text(s)} |")
+    lines += ["", "Every run (wps: median, min–max of its kept records):", "",
+              "| pair | round | arch | records | median wps | min–max | / stock of the round | wall s |",
+              "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        lines.append(f"| {r['pair']} | {r['round']} | {r['arch']} | {r['records']} | {r['median_wps']:,.0f} | "
+                     f"{r['min_wps']:,.0f}–{r['max_wps']:,.0f} | {r['ratio_to_stock']:.3f} | {r['wall_s']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -142,16 +179,17 @@ def parse_args(argv=None):
     p.add_argument("--pairs", default="iwslt,wmt_big,lm512", help="comma list of " + ",".join(PAIRS))
     p.add_argument("--precision", default=None, choices=["fp32", "fp16", "memory-efficient-fp16"],
                    help="fairseq's precision flag (default fp16 on cuda, fp32 on cpu); fairseq-fixed's --bf16 is "
-                        "broken (README, Precision)")
+                        "broken (docs/distributed-and-precision.md)")
     p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda if available")
     p.add_argument("--updates", type=int, default=300, help="--max-update of every run (default 300)")
-    p.add_argument("--log-interval", type=int, default=20)
-    p.add_argument("--skip", type=int, default=3, help="train_inner records dropped as warm-up (default 3)")
-    p.add_argument("--rounds", type=int, default=1, help="interleaved stock/daGPAM rounds per pair (default 1)")
+    p.add_argument("--log-interval", type=int, default=10, help="fairseq's --log-interval: updates per record")
+    p.add_argument("--discard-updates", type=int, default=100,
+                   help="records of the first N updates of every run are dropped as warm-up (default 100)")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved stock/daGPAM rounds per pair (default 3)")
     p.add_argument("--sentences", type=int, default=60000, help="synthetic training sentence pairs")
     p.add_argument("--workers", type=int, default=4, help="fairseq-preprocess --workers")
-    p.add_argument("--work-dir", default=os.path.join(REPO, "runs", "benchmark", "fairseq_train_data"))
-    p.add_argument("--out-dir", default=os.path.join(REPO, "runs", "benchmark", "fairseq_train"))
+    p.add_argument("--work-dir", default=os.path.join(REPO_ROOT, "runs", "benchmark", "fairseq_train_data"))
+    p.add_argument("--out-dir", default=os.path.join(REPO_ROOT, "runs", "benchmark", "fairseq_train"))
     p.add_argument("--quick", action="store_true", help="tiny models on the CPU, a smoke run for the tests")
     args = p.parse_args(argv)
     import torch
@@ -166,8 +204,12 @@ def parse_args(argv=None):
     unknown = [name for name in args.pairs.split(",") if name not in PAIRS]
     if unknown:
         p.error(f"--pairs: unknown {unknown}; choose from {', '.join(PAIRS)}")
+    if args.rounds < 1:
+        p.error(f"--rounds: at least 1, got {args.rounds}")
     if args.quick:
-        args.updates, args.log_interval, args.skip, args.sentences = 6, 2, 1, 400
+        args.updates, args.log_interval, args.discard_updates, args.sentences = 6, 2, 2, 400
+    if args.discard_updates >= args.updates:
+        p.error(f"--discard-updates {args.discard_updates} leaves nothing of --updates {args.updates}")
     return args
 
 
@@ -187,14 +229,17 @@ def main(argv=None):
         for round_ in range(1, args.rounds + 1):
             stock_wps = None
             for arch in (stock_arch, our_arch):
-                log(f"[{name} round {round_}] fairseq-train --arch {arch} ({args.updates} updates, {args.precision})")
+                log(f"[{name} round {round_}/{args.rounds}] fairseq-train --arch {arch} ({args.updates} updates, "
+                    f"{args.precision})")
                 cmd = train_command(lm_bin if lm else nmt_bin, arch, task_flags, batch_flags, args, extra)
                 text, wall = run_or_fail(cmd, os.path.join(args.out_dir, f"{name}-{arch}-round{round_}.log"))
-                wps, updates = median_wps(text, args.skip)
+                wps, low, high, records, updates = steady_wps(text, args.discard_updates)
                 stock_wps = wps if stock_wps is None else stock_wps
                 rows.append(dict(pair=name, precision=args.precision, round=round_, arch=arch, updates=updates,
-                                 median_wps=wps, ratio_to_stock=wps / stock_wps, wall_s=round(wall, 1)))
-                log(f"    median wps {wps:,.0f}  (x stock {wps / stock_wps:.3f}, {wall:.0f} s)")
+                                 records=records, median_wps=wps, min_wps=low, max_wps=high,
+                                 ratio_to_stock=wps / stock_wps, wall_s=round(wall, 1)))
+                log(f"    steady wps {wps:,.0f} ({low:,.0f}–{high:,.0f} over {records} records; "
+                    f"x stock {wps / stock_wps:.3f}, {wall:.0f} s)")
     with open(os.path.join(args.out_dir, "fairseq_train.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS)
         writer.writeheader()

@@ -66,7 +66,7 @@ BAD = [
      "differential head, so the number of heads must be even, got 1"),
 ]
 # flags without a value of their own: only their combinations can be wrong (covered above)
-SWITCHES = {"--gpam-trainable-lambda", "--gpam-stats-per-layer"}
+SWITCHES = {"--gpam-trainable-lambda", "--gpam-stats-per-layer", "--gpam-recompute-attention"}
 
 
 @pytest.fixture(scope="module")

@@ -1,39 +1,90 @@
-"""scripts/benchmark.py --quick on the CPU: every row there, finite ratios, CSV and PNG written."""
+"""scripts/benchmark.py: the kernel and saved-bytes budgets that the ops level measures, and
+a --quick run of every row (its timings mean nothing on a CPU: the tests check the rows)."""
 
 import csv
 import math
-import os
-import sys
 
+import benchmark
 import pytest
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "scripts"))
+from gpam_fairseq.attention.mechanisms import MECHANISMS
 
-import benchmark  # noqa: E402
+# The budgets of the fused paths, in kernels launched (a fused attention call counting one
+# each way, as on a GPU) and bytes kept for the backward pass, against stock fairseq.
+MODULE_KERNELS_DAGPAM = 1.25  # every role, per module
+STEP_KERNELS_DAGPAM = 1.10  # a whole training step: iwslt and lm512
+STEP_SAVED_DAGPAM = 1.20  # iwslt and wmt_big, at their real dictionary sizes
 
-from gpam_fairseq.attention.mechanisms import MECHANISMS  # noqa: E402
+
+@pytest.fixture(scope="module")
+def ops_rows(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ops")
+    rows = benchmark.main(["--levels", "ops", "--types", "softmax,dagpam", "--out-dir", str(out)])
+    return {(r["shape"], r["variant"]): r for r in rows}, out
+
+
+def test_ops_level_rows_and_csv(ops_rows):
+    rows, out = ops_rows
+    want = {(shape, v) for shape in (*benchmark.ROLES, *benchmark.OPS_PAIRS)
+            for v in ("stock", "softmax", "dagpam", benchmark.RECOMPUTED)}
+    assert set(rows) == want
+    for r in rows.values():
+        assert r["note"] == "" and r["kernels"] > 0 and r["kernels_forward"] > 0
+        assert (r["kernels_backward"] == 0) == (r["path"] == "beam step")  # beam steps: forward only
+    with open(out / "ops.csv") as f:
+        table = list(csv.DictReader(f))
+    assert tuple(table[0]) == benchmark.OPS_FIELDS and len(table) == len(want)
+    md = (out / "benchmark.md").read_text()
+    assert "| iwslt | train step | dagpam |" in md and "saved for backward" in md
+
+
+@pytest.mark.parametrize("role", benchmark.ROLES)
+def test_module_kernel_budget_in_every_role(ops_rows, role):
+    rows, _ = ops_rows
+    stock, softmax, dagpam = (rows[(role, v)] for v in ("stock", "softmax", "dagpam"))
+    assert softmax["kernels"] <= stock["kernels"], (softmax, stock)
+    assert dagpam["kernels"] <= MODULE_KERNELS_DAGPAM * stock["kernels"], (dagpam, stock)
+    assert dagpam["host_syncs"] == stock["host_syncs"] == 0
+
+
+@pytest.mark.parametrize("pair", ["iwslt", "lm512"])
+def test_training_step_kernel_budget(ops_rows, pair):
+    rows, _ = ops_rows
+    stock, softmax, dagpam = (rows[(pair, v)] for v in ("stock", "softmax", "dagpam"))
+    assert dagpam["kernels"] <= STEP_KERNELS_DAGPAM * stock["kernels"], (dagpam, stock)
+    assert softmax["kernels"] <= stock["kernels"]
+    assert dagpam["host_syncs"] <= stock["host_syncs"]  # none of ours: fairseq's own
+
+
+@pytest.mark.parametrize("pair", ["iwslt", "wmt_big"])
+def test_training_step_saved_bytes_budget(ops_rows, pair):
+    rows, _ = ops_rows
+    stock, dagpam, recomputed = rows[(pair, "stock")], rows[(pair, "dagpam")], rows[(pair, benchmark.RECOMPUTED)]
+    assert dagpam["saved_mib"] <= STEP_SAVED_DAGPAM * stock["saved_mib"], (dagpam, stock)
+    # recomputing the attention in the backward pass: less than keeping it, in both currencies
+    assert recomputed["saved_mib"] < dagpam["saved_mib"] and recomputed["kernels"] > dagpam["kernels"]
+    assert recomputed["kernels"] <= STEP_KERNELS_DAGPAM * stock["kernels"]
 
 
 def expected_rows(dtype):
-    """(level, shape, variant, path) of every row a --quick run must produce."""
+    """(level, shape, variant, path) of every timed row a --quick run must produce."""
     rows = set()
     for shape in benchmark.QUICK_SHAPES:
         rows.add(("core", shape.name, "sdpa", "one call"))
         rows |= {("attention", shape.name, "stock", p) for p in ("fast", "weights")}
         rows.add(("train", shape.name, "stock", "train"))
-        if shape.beam_sentences:
+        if not shape.is_lm:
             rows.add(("beam", shape.name, "stock", "beam5"))
         for name in MECHANISMS:
             rows |= {(lv, shape.name, name, p) for lv in ("core", "attention") for p in ("fused", "explicit")}
             rows.add(("train", shape.name, name, "train"))
-            if shape.beam_sentences:
+            if not shape.is_lm:
                 rows.add(("beam", shape.name, name, "beam5"))
     return {row + (dtype,) for row in rows}
 
 
-def check_rows(rows, want):
+def check_timed_rows(rows, want):
     got = {(r["level"], r["shape"], r["variant"], r["path"], r["dtype"]) for r in rows}
     assert got == want, f"missing {sorted(want - got)}, unexpected {sorted(got - want)}"
     assert len(rows) == len(want)
@@ -49,27 +100,39 @@ def test_quick_run_writes_every_row_csv_markdown_and_png(tmp_path, capsys):
     threads = torch.get_num_threads()
     rows = benchmark.main(["--quick", "--out-dir", str(tmp_path)])
     assert torch.get_num_threads() == threads  # --quick's one thread does not leak into the tests
-    check_rows(rows, expected_rows("fp32"))
+    ops = [r for r in rows if r["level"] == "ops"]
+    timed = [r for r in rows if r["level"] != "ops"]
+    assert {(r["shape"], r["variant"]) for r in ops} == {
+        (s, v) for s in (*benchmark.ROLES, *benchmark.OPS_PAIRS) for v in ("stock", *MECHANISMS, benchmark.RECOMPUTED)}
+    assert all(r["note"] == "" and r["kernels"] > 0 for r in ops)
+    check_timed_rows(timed, expected_rows("fp32"))
     progress = capsys.readouterr().out
-    assert "group 1/" in progress and "done in" in progress
+    assert "train group 1/" in progress and "done in" in progress
 
     with open(tmp_path / "benchmark.csv") as f:
         table = list(csv.DictReader(f))
-    assert [r["variant"] for r in table] == [r["variant"] for r in rows]
+    assert [r["variant"] for r in table] == [r["variant"] for r in timed]
     assert tuple(table[0]) == benchmark.FIELDS
     for r in table:
         assert math.isfinite(float(r["time_ratio"])) and r["peak_mem_mb"] == "n/a"
     png = (tmp_path / "benchmark.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
     md = (tmp_path / "benchmark.md").read_text()
-    assert "--quick" in md and "| core | iwslt | fp32 | dagpam | fused |" in md
+    assert "--quick" in md and "| core | iwslt | fp32 | dagpam | fused |" in md and "| enc_self | module | dagpam |" in md
+
+
+def test_beam_level_alone_builds_its_own_models(tmp_path):
+    """No level depends on another having run first."""
+    rows = benchmark.main(["--quick", "--levels", "beam", "--shapes", "iwslt", "--types", "dagpam",
+                           "--out-dir", str(tmp_path)])
+    assert {(r["variant"], r["note"]) for r in rows} == {("stock", ""), ("dagpam", "")}
 
 
 def test_bf16_rows_on_the_cpu(tmp_path):
     rows = benchmark.main(["--quick", "--dtypes", "bf16", "--levels", "core,attention", "--shapes", "lm512",
                            "--out-dir", str(tmp_path)])
     want = {r for r in expected_rows("bf16") if r[0] in ("core", "attention") and r[1] == "lm512"}
-    check_rows(rows, want)
+    check_timed_rows(rows, want)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given without CUDA")
@@ -80,6 +143,6 @@ def test_cuda_without_a_gpu_names_the_flag(tmp_path):
 
 def test_bad_flag_values_name_the_flag(tmp_path):
     for argv, flag in ((["--dtypes", "fp8"], "--dtypes"), (["--levels", "speed"], "--levels"),
-                       (["--shapes", "huge"], "--shapes")):
+                       (["--shapes", "huge"], "--shapes"), (["--types", "linear"], "--types")):
         with pytest.raises(SystemExit, match=flag):
             benchmark.main(["--quick", *argv, "--out-dir", str(tmp_path)])

@@ -9,6 +9,7 @@ incremental decoding. Each is checked in float64 on random inputs against a refe
 that is written out head by head and row by row.
 """
 
+import dataclasses
 import math
 
 import pytest
@@ -17,7 +18,9 @@ import torch.nn.functional as F
 from test_functional import bias_from, make_case, reference_dagpam
 
 from gpam_fairseq.attention import functional as Fn
+from gpam_fairseq.attention.multihead import mark_causal, project
 from gpam_fairseq.modules.transformer import build_attention
+from gpam_fairseq.profiling import count_pass
 from gpam_fairseq.options import GPAMOptions
 
 E, H, B, T, S = 32, 4, 3, 6, 8
@@ -248,8 +251,12 @@ def test_cuda_paths_match_reference_and_never_synchronize(dtype):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: run on a GPU machine")
-@pytest.mark.parametrize("role", ["enc_self", "dec_self", "cross"])
+@pytest.mark.parametrize("role", ["enc_self", "dec_self", "dec_self_marked", "cross"])
 def test_cuda_module_matches_cpu_float64_and_never_synchronizes(role):
+    """dec_self_marked: fairseq's future mask as our decoder marks it (the causal path without
+    padding, the prefix rule for rows without keys with padding)."""
+    marked = role == "dec_self_marked"
+    role = "dec_self" if marked else role
     module = dagpam_module(role, seed=8)
     g = torch.Generator().manual_seed(9)
     x = torch.randn(T, B, E, generator=g, dtype=torch.float64)
@@ -262,6 +269,8 @@ def test_cuda_module_matches_cpu_float64_and_never_synchronizes(role):
     want = [module(x, key, key, key_padding_mask=kpm, need_weights=nw, **extra)[0] for nw in (False, True)]
     gpu = module.float().cuda()
     args = dict(key_padding_mask=kpm.cuda(), **{n: (t.float().cuda() if torch.is_tensor(t) else t) for n, t in extra.items()})
+    if marked:
+        args["attn_mask"] = mark_causal(args["attn_mask"])
     xq, xk = x.float().cuda().requires_grad_(True), key.float().cuda()
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
@@ -272,3 +281,265 @@ def test_cuda_module_matches_cpu_float64_and_never_synchronizes(role):
         torch.cuda.set_sync_debug_mode("default")
     for a, b in zip(got, want):
         torch.testing.assert_close(a.double().cpu(), b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: run on a GPU machine")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cuda_causal_path_and_fully_masked_rows(dtype):
+    """On a GPU, the causal path (grouped-query heads and is_causal where a fused kernel takes
+    them) against the float64 reference, and rows whose keys are all masked: zero outputs and
+    finite gradients whatever the backend returns for them, with no host synchronisation."""
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    q, k, v, w, masked = make_case("causal", dtype=torch.float32, B=2, H=4, Tq=33, Tk=33, d=16, seed=10)
+    masked[:] = causal(33, 33)
+    ref, _ = reference_dagpam(q, k, v, w, LP, LN, masked)
+    fq, fk, fv, fw = make_case("fully_masked", dtype=torch.float32, B=3, H=4, Tq=9, Tk=9, d=16, seed=11)[:4]
+    f_masked = make_case("fully_masked", B=3, H=4, Tq=9, Tk=9, d=16, seed=11)[4]
+    f_ref, _ = reference_dagpam(fq, fk, fv, fw, LP, LN, f_masked)
+    cuda = [t.cuda().to(dtype).requires_grad_(i < 3) for i, t in enumerate((q, k, v, w))]
+    f_cuda = [t.cuda().to(dtype).requires_grad_(i < 3) for i, t in enumerate((fq, fk, fv, fw))]
+    f_bias = bias_from(f_masked).cuda().to(dtype)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out, _ = Fn.dagpam_attention(*cuda, LP, LN, Fn.Mask(causal=True))
+        f_out, _ = Fn.dagpam_attention(*f_cuda, LP, LN, Fn.Mask(f_bias))
+        (out.float().sum() + f_out.float().sum()).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.testing.assert_close(out.double().cpu(), ref, atol=tol, rtol=tol)
+    torch.testing.assert_close(f_out.double().cpu(), f_ref, atol=tol, rtol=tol)
+    assert (f_out[2] == 0).all()
+    for t in cuda[:3] + f_cuda[:3]:
+        assert torch.isfinite(t.grad).all()
+    if dtype != torch.float32:  # FlashAttention takes grouped-query heads in half precision
+        assert Fn.can_share_kv_heads(cuda[0].repeat(1, 2, 1, 1), cuda[1], cuda[2], 0.0)
+
+
+# ----------------------------------------------------------------------------- one fused call
+
+
+def causal_mask_object():
+    return Fn.Mask(causal=True)
+
+
+@pytest.mark.parametrize("trainable", [False, True])
+def test_causal_flag_path_matches_reference_and_dense_mask_path(trainable):
+    """The causal Mask (no tensor: grouped-query heads, is_causal) against the reference and
+    against the same mask given as a tensor (query-axis layout), values and gradients."""
+    q, k, v, w, masked = make_case("causal", seed=21, per_head=trainable)
+    masked[:] = causal(q.size(2), k.size(2))  # the causal mask alone: the flag's case
+    lp, ln = (torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64).view(-1, 1, 1),
+              torch.tensor([0.5, 0.0, 0.25, 1.0], dtype=torch.float64).view(-1, 1, 1)) if trainable else (LP, LN)
+    ref, _ = reference_dagpam(q, k, v, w, lp, ln, masked)
+    grads = []
+    for mask in (causal_mask_object(), bias_from(masked)):
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v, w)]
+        out, _ = Fn.dagpam_attention(*leaves, lp, ln, mask)
+        torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
+        (out * torch.cos(torch.arange(out.numel(), dtype=out.dtype)).view_as(out)).sum().backward()
+        grads.append([t.grad for t in leaves])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=0)
+
+
+def test_stacked_queries_are_views_in_the_memory_order_of_q():
+    """One copy lays Q+ and Q- out in q's memory order; the halves read back exactly."""
+    g = torch.Generator().manual_seed(3)
+    phys = torch.randn(T, B, H, 8, generator=g, dtype=torch.float64)  # fairseq's (T, B, H, d) order
+    q = phys.permute(1, 2, 0, 3)
+    q_neg = torch.randn(B, H, T, 8, generator=g, dtype=torch.float64)
+    for on_heads, shape in ((True, (B, 2 * H, T, 8)), (False, (B, H, 2 * T, 8))):
+        both = Fn.stack_queries(q, q_neg, on_heads)
+        assert both.shape == shape and both._base is not None  # a view of the one stacked copy
+        pos, neg = Fn._unstack_queries(both, on_heads, q.shape)
+        assert torch.equal(pos, q) and torch.equal(neg, q_neg)
+        assert Fn.physical_order(pos) == Fn.physical_order(q)
+
+
+@pytest.mark.parametrize("lambdas", [(0.3, 0.3), (0.3, 0.45), (0.0, 1.0), (0.5, 0.0)])
+def test_signed_combination_every_branch(lambdas):
+    """lerp (row sum 1), lerp and scale (other row sums), a difference (row sum 0); rows to
+    zero; result laid out in the requested memory order; gradient against autograd's."""
+    lp, ln = lambdas
+    g = torch.Generator().manual_seed(4)
+    pair = torch.randn(B, H, 2, T, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    rows = torch.zeros(B, 1, T, 1, dtype=torch.bool)
+    rows[1, 0, 2] = True
+    order = [2, 0, 1, 3]
+    out = Fn.signed_combination(pair, lp, ln, rows, order)
+    want = ((1 + lp) * pair[:, :, 0] - ln * pair[:, :, 1]).masked_fill(rows, 0.0)
+    torch.testing.assert_close(out, want, atol=ATOL, rtol=0)
+    assert out.permute(order).is_contiguous()  # merging the heads afterwards is a view
+    weight = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    (grad,) = torch.autograd.grad((out * weight).sum(), pair)
+    (want_grad,) = torch.autograd.grad((want * weight).sum(), pair)
+    torch.testing.assert_close(grad, want_grad, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["padding", "causal_padding", "general"])
+def test_mask_from_parts_matches_the_plain_bias(kind):
+    """The Mask the module builds from fairseq's masks: its bias, its stacked bias (built in
+    one addition) and its rows without keys equal what the plain bias gives."""
+    g = torch.Generator().manual_seed(5)
+    kpm = torch.rand(B, T, generator=g) < 0.3
+    kpm[0] = True  # a sequence of pads: no key for any row
+    kpm[1, :3] = True  # left padding: with the causal mask, rows 0..2 see no key
+    attn = None
+    if kind == "causal_padding":
+        attn = torch.triu(torch.full((T, T), float("-inf"), dtype=torch.float64), 1).view(1, 1, T, T)
+    if kind == "general":
+        attn = torch.zeros(1, 1, T, T, dtype=torch.float64).masked_fill(torch.rand(T, T, generator=g) < 0.3, float("-inf"))
+    parts = Fn.Mask.from_parts(attn, kpm, torch.float64, causal_bias=kind == "causal_padding")
+    pad_bias = torch.zeros(B, 1, 1, T, dtype=torch.float64).masked_fill(kpm.view(B, 1, 1, T), float("-inf"))
+    plain = pad_bias if attn is None else attn + pad_bias
+    stacked = parts.stacked_bias()  # first, before the bias: built from the parts directly
+    torch.testing.assert_close(parts.bias, plain, atol=0, rtol=0)
+    torch.testing.assert_close(stacked, Fn.Mask(plain).stacked_bias(), atol=0, rtol=0)
+    rows = Fn.all_keys_masked(plain)
+    assert torch.equal(parts.empty_rows.expand_as(rows), rows)
+    assert rows.any() and not rows.all()
+
+
+def test_stacked_projection_equals_separate_linears_and_falls_back_with_hooks():
+    module = dagpam_module("dec_self", seed=9).train()
+    g = torch.Generator().manual_seed(10)
+    x = torch.randn(T, B, E, generator=g, dtype=torch.float64, requires_grad=True)
+    linears = (module.q_proj, module.k_proj, module.v_proj)
+    stacked = project(x, *linears)
+    separate = [m(x) for m in linears]
+    weights = [torch.randn(t.shape, generator=g, dtype=torch.float64) for t in separate]
+    for a, b in zip(stacked, separate):
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
+    got = torch.autograd.grad(sum((t * w).sum() for t, w in zip(stacked, weights)), [x, *module.parameters()],
+                              allow_unused=True)
+    want = torch.autograd.grad(sum((t * w).sum() for t, w in zip(separate, weights)), [x, *module.parameters()],
+                               allow_unused=True)
+    for a, b in zip(got, want):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
+    calls = []
+    handle = module.k_proj.register_forward_pre_hook(lambda m, args: calls.append(m))  # e.g. quant-noise
+    project(x, *linears)
+    handle.remove()
+    assert calls == [module.k_proj]  # a hooked projection is called as a module, hook and all
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_module_with_fairseqs_future_mask_takes_the_causal_path_and_matches_reference(padded, monkeypatch):
+    """Our decoder marks fairseq's future mask; the module then calls the kernel with
+    is_causal and no mask tensor (without padding), in fp64 equal to the reference, also
+    when the mask arrives detached (activation checkpointing)."""
+    module = dagpam_module("dec_self", seed=11)
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(T, B, E, generator=g, dtype=torch.float64)
+    full = mark_causal(torch.triu(torch.full((T + 3, T + 3), float("-inf"), dtype=torch.float64), 1))
+    kpm = None
+    masked = causal(T, T).expand(B, T, T).clone()
+    if padded:
+        kpm = torch.zeros(B, T, dtype=torch.bool)
+        kpm[1, -2:] = True
+        masked |= kpm[:, None, :]
+    want, _ = module_reference(module, x, x, masked)
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **kw: calls.append(kw) or sdpa(*a, **kw))
+    for mask in (full[:T, :T], full[:T, :T].detach()):  # fairseq slices its buffer per length
+        out, _ = module(x, x, x, key_padding_mask=kpm, attn_mask=mask, need_weights=False)
+        torch.testing.assert_close(out, want, atol=ATOL, rtol=0)
+    assert [kw["is_causal"] for kw in calls] == [not padded] * 2
+    assert all((kw["attn_mask"] is None) == (not padded) for kw in calls)
+    calls.clear()
+    module(x, x, x, attn_mask=torch.triu(torch.full((T, T), float("-inf"), dtype=torch.float64), 1))
+    assert calls == []  # weights requested: the explicit path
+    module(x, x, x, attn_mask=torch.triu(torch.full((T, T), float("-inf"), dtype=torch.float64), 1), need_weights=False)
+    assert calls[-1]["is_causal"] is False  # an unmarked mask is only a tensor
+
+
+def test_recomputed_combination_gives_the_same_gradients_and_is_not_kept(monkeypatch):
+    """The output projection's input is rebuilt from the fused output in the backward pass:
+    gradients are identical to keeping it, and it is not among the saved tensors."""
+    import contextlib
+
+    from gpam_fairseq.attention import multihead
+
+    grads, kept = [], []
+    for rebuild in (True, False):
+        if not rebuild:
+            monkeypatch.setattr(multihead, "recomputed_instead_of_saved", contextlib.nullcontext)
+        module = dagpam_module("enc_self", seed=13).train()
+        g = torch.Generator().manual_seed(14)
+        x = torch.randn(T, B, E, generator=g, dtype=torch.float64, requires_grad=True)
+        kpm = torch.zeros(B, T, dtype=torch.bool)
+        kpm[2, :2] = True
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            out, _ = module(x, x, x, key_padding_mask=kpm, need_weights=False)
+        (out * torch.sin(torch.arange(out.numel(), dtype=out.dtype)).view_as(out)).sum().backward()
+        grads.append([x.grad] + [p.grad for p in module.parameters()])
+        kept.append({t.untyped_storage().data_ptr() for t in saved})
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+    assert len(kept[0]) == len(kept[1]) - 1  # the combination is the one tensor not kept
+
+
+# ----------------------------------------------------------------------------- the counter
+
+
+def test_counter_counts_a_fused_call_once_each_way_and_keeps_its_gradients():
+    """With dropout the CPU's SDPA runs a dozen operations; a GPU runs one fused kernel each
+    way, and so does the count. The counted pass computes the real outputs and gradients."""
+    g = torch.Generator().manual_seed(15)
+    q, k, v = (torch.randn(2, 3, 5, 8, generator=g, requires_grad=True) for _ in range(3))
+    for p in (0.0, 0.3):
+        torch.manual_seed(0)
+        counter = count_pass(lambda: F.scaled_dot_product_attention(q, k, v, dropout_p=p))
+        assert dict(counter.ops["forward"]) == {"fused_attention_forward": 1, "sum": 1}
+        assert counter.ops["backward"]["fused_attention_backward"] == 1
+        grads = [t.grad.clone() for t in (q, k, v)]
+        for t in (q, k, v):
+            t.grad = None
+        torch.manual_seed(0)
+        F.scaled_dot_product_attention(q, k, v, dropout_p=p).float().sum().backward()
+        for a, t in zip(grads, (q, k, v)):
+            torch.testing.assert_close(a, t.grad, atol=1e-6, rtol=0)
+        for t in (q, k, v):
+            t.grad = None
+
+
+def test_counter_skips_views_counts_dropout_as_one_kernel_and_saved_bytes():
+    x = torch.randn(4, 6, requires_grad=True)
+    counter = count_pass(lambda: F.dropout(x.t().unsqueeze(0).transpose(1, 2)[0].view(24), 0.5, training=True))
+    assert dict(counter.ops["forward"]) == {"native_dropout": 1, "sum": 1}
+    assert counter.saved_bytes == 24  # the dropout mask, one byte a value; x itself is not saved
+    w = torch.nn.Parameter(torch.randn(6, 3))
+    counter = count_pass(lambda: x @ w, exclude=[w])
+    assert counter.saved_bytes == x.numel() * 4  # x for the weight gradient; the parameter not
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+@pytest.mark.parametrize("trainable", [False, True])
+def test_recomputed_attention_equals_the_kept_one_and_keeps_less(dropout_p, trainable):
+    """--gpam-recompute-attention: the same outputs and gradients (dropout masks drawn again
+    from the same state), with fewer bytes kept for the backward pass."""
+    opts = GPAMOptions(attention_type="dagpam", lambda_pos=LP, lambda_neg=LN, neg_query_init="random",
+                       trainable_lambda=trainable)
+    results = []
+    for recompute in (False, True):
+        torch.manual_seed(16)
+        module = build_attention("enc_self", dataclasses.replace(opts, recompute_attention=recompute), E, H,
+                                 self_attention=True, dropout=dropout_p).double().train()
+        g = torch.Generator().manual_seed(17)
+        x = torch.randn(T, B, E, generator=g, dtype=torch.float64, requires_grad=True)
+        kpm = torch.zeros(B, T, dtype=torch.bool)
+        kpm[1, :2] = True
+        torch.manual_seed(18)
+        counter = count_pass(lambda: module(x, x, x, key_padding_mask=kpm, need_weights=False)[0],
+                             exclude=module.parameters())
+        results.append((counter, [x.grad] + [p.grad for p in module.parameters()]))
+    (kept, grads_kept), (recomputed, grads_recomputed) = results
+    for a, b in zip(grads_kept, grads_recomputed):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+    assert recomputed.saved_bytes < kept.saved_bytes
+    assert recomputed.ops["backward"]["fused_attention_forward"] == 1  # the one more call

@@ -16,9 +16,10 @@ import torch
 from torch import nn
 
 from gpam_fairseq.attention.mechanisms import MECHANISMS, Mechanism, build_mechanism, register_mechanism
-from gpam_fairseq.attention.stats import has_negative_map
+from gpam_fairseq.attention.stats import AttentionStats, has_negative_map
 from gpam_fairseq.finetune import new_parameter_names
 from gpam_fairseq.options import ATTENTION_TYPES, DEFAULTS, FLAG, TYPE_OPTIONS, GPAMOptions, option_value
+from gpam_fairseq.profiling import count_pass
 from helpers import USER_DIR, build_language_model, build_translation_model
 from test_cli import LM_ARCH, NMT_ARCH, TRAIN, cli, corpus, run_cli  # noqa: F401  (corpus: fixture)
 
@@ -36,6 +37,7 @@ OPTION_CHANGES = {
     "gpam_lambda_scope": ({"trainable_lambda": True}, {"trainable_lambda": True, "lambda_scope": "head"}),
     "gpam_neg_query": ({}, {"neg_query": "per_head"}),
     "gpam_neg_query_init": ({}, {"neg_query_init": "random"}),
+    "gpam_recompute_attention": ({}, {"recompute_attention": True}),
 }
 
 
@@ -52,12 +54,22 @@ def outputs(module):
     return out, weights
 
 
+def kept_for_backward(module):
+    """The bytes autograd keeps for the backward pass of a fused (no weights) call."""
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, HEADS, 5, HEAD_DIM, generator=g, requires_grad=True) for _ in range(3))
+    return count_pass(lambda: module(q, k, v, None, 0.0, False)[0], exclude=module.parameters()).saved_bytes
+
+
 def differ(a: nn.Module, b: nn.Module) -> bool:
-    """Whether two mechanisms differ in their parameters (names, shapes, values) or outputs."""
+    """Whether two mechanisms differ in their parameters (names, shapes, values), outputs, or
+    what they keep for the backward pass."""
     sa, sb = a.state_dict(), b.state_dict()
     if sa.keys() != sb.keys() or any(sa[k].shape != sb[k].shape or not torch.equal(sa[k], sb[k]) for k in sa):
         return True
-    return any((x is None) != (y is None) or (x is not None and not torch.equal(x, y)) for x, y in zip(outputs(a), outputs(b)))
+    if any((x is None) != (y is None) or (x is not None and not torch.equal(x, y)) for x, y in zip(outputs(a), outputs(b))):
+        return True
+    return kept_for_backward(a) != kept_for_backward(b)
 
 
 # ----------------------------------------------------------------------------- declarations
@@ -132,7 +144,7 @@ def test_the_scalars_are_attached_where_a_negative_map_is_declared(attention_typ
     model = build_translation_model("transformer_gpam_iwslt_de_en", SMALL_NMT + ["--attention-type", attention_type],
                                     40, 40)
     mechanisms = [m.mechanism for m in model.modules() if isinstance(getattr(m, "mechanism", None), Mechanism)]
-    attached = [m for m in model.modules() if "gpam_stats" in m.__dict__]
+    attached = [m for m in model.modules() if any(isinstance(o, AttentionStats) for o in getattr(m, "observers", ()))]
     assert len(mechanisms) == 3 and all(has_negative_map(m) == MECHANISMS[attention_type].has_negative_map
                                         for m in mechanisms)
     assert len(attached) == (3 if MECHANISMS[attention_type].has_negative_map else 0)

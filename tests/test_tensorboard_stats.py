@@ -9,7 +9,7 @@ import torch
 
 from fairseq.logging import metrics
 
-from gpam_fairseq.attention.stats import label_of
+from gpam_fairseq.attention.stats import AttentionStats, label_of
 from gpam_fairseq.options import GPAMConfigError
 from helpers import USER_DIR, build_language_model, build_translation_model
 from test_cli import NMT_ARCH, TRAIN, cli, corpus  # noqa: F401  (corpus: fixture)
@@ -140,7 +140,7 @@ def test_no_effect_on_outputs_or_rng():
 def test_nothing_attached_without_a_negative_map_or_when_off():
     for model in (nmt(["--attention-type", "softmax"]), nmt(["--gpam-blocks", "cross"]), nmt(["--gpam-stats-interval", "0"]),
                   build_language_model("transformer_lm_gpam", ["--decoder-layers", "1", "--attention-type", "softmax"], 40)):
-        attached = {n for n, m in model.named_modules() if "gpam_stats" in m.__dict__}
+        attached = {n for n, m in model.named_modules() if any(isinstance(o, AttentionStats) for o in getattr(m, "observers", ()))}
         assert all(n.endswith("encoder_attn") for n in attached)
         assert not logged(model, *(batch() if hasattr(model, "encoder") else (batch()[0],))).keys() - {
             "gpam/cross/neg_share", "gpam/cross/row_sum"}

@@ -124,10 +124,11 @@ class DaGPAMMechanism(Mechanism):
     fp32_parameters = ("lambda_pos_theta", "lambda_neg_theta")
     has_negative_map = True
     options_read = ("gpam_lambda_pos", "gpam_lambda_neg", "gpam_trainable_lambda", "gpam_lambda_scope",
-                    "gpam_neg_query", "gpam_neg_query_init")
+                    "gpam_neg_query", "gpam_neg_query_init", "gpam_recompute_attention")
 
     def __init__(self, num_heads: int, head_dim: int, options: GPAMOptions, layer_index: int = 1):
         super().__init__()
+        self.recompute = options.recompute_attention
         self.num_heads = num_heads
         self.head_dim = head_dim
         shape = (head_dim, head_dim) if options.neg_query == "shared" else (num_heads, head_dim, head_dim)
@@ -169,7 +170,7 @@ class DaGPAMMechanism(Mechanism):
     def forward(self, q, k, v, bias=None, dropout_p: float = 0.0, need_weights: bool = False):
         lambda_pos, lambda_neg = self.lambdas()
         return functional.dagpam_attention(
-            q, k, v, self.w_q_neg, lambda_pos, lambda_neg, bias, dropout_p, need_weights
+            q, k, v, self.w_q_neg, lambda_pos, lambda_neg, bias, dropout_p, need_weights, recompute=self.recompute
         )
 
     def scores(self, q: Tensor, k: Tensor, bias: Optional[Tensor] = None) -> Tensor:
@@ -180,7 +181,7 @@ class DaGPAMMechanism(Mechanism):
         show = lambda x: f"{x:g}" if isinstance(x, float) else f"trainable{tuple(x.flatten().tolist())}"
         return (
             f"w_q_neg={tuple(self.w_q_neg.shape)}, init={self.neg_query_init}, "
-            f"lambda_pos={show(lp)}, lambda_neg={show(ln)}"
+            f"lambda_pos={show(lp)}, lambda_neg={show(ln)}" + (", recompute" if self.recompute else "")
         )
 
 

@@ -74,8 +74,9 @@ class AttentionStats:
         self.num_updates = 0
         self.last_logged_update = -1
 
-    def observe(self, attention: nn.Module, q: Tensor, k: Tensor, bias: Optional[Tensor]) -> None:
-        """Called by GPAMMultiheadAttention.forward with the per-head q (B,H,Tq,d), k, bias."""
+    def __call__(self, attention: nn.Module, q: Tensor, k: Tensor, mask) -> None:
+        """An observer of GPAMMultiheadAttention (``add_observer``): the per-head q (B,H,Tq,d),
+        k and the call's mask (a functional.Mask, or an additive bias tensor)."""
         if attention.training:
             if self.num_updates % self.interval or self.num_updates == self.last_logged_update:
                 return
@@ -84,7 +85,7 @@ class AttentionStats:
         if attention.training:
             self.last_logged_update = self.num_updates
         with torch.no_grad():
-            names, values = self.compute(attention.mechanism, q, k, bias)
+            names, values = self.compute(attention.mechanism, q, k, functional.as_mask(mask).dense_bias(q, k))
         for name, value in zip(names, values.tolist()):  # one device sync per call
             metrics.log_scalar(self.prefix + name, value, weight=1, priority=PRIORITY, round=4)
 
@@ -129,14 +130,20 @@ def attach(model: nn.Module, args) -> int:
     for name, module in model.named_modules():
         mechanism = getattr(module, "mechanism", None)
         if has_negative_map(mechanism):
-            module.gpam_stats = AttentionStats(label_of(name, per_layer), interval)
+            module.add_observer(AttentionStats(label_of(name, per_layer), interval))
             attached += 1
     return attached
 
 
+def observers_of(model: nn.Module):
+    """Every AttentionStats attached to the model's attention modules."""
+    for module in model.modules():
+        for observer in getattr(module, "observers", ()):
+            if isinstance(observer, AttentionStats):
+                yield observer
+
+
 def set_num_updates(model: nn.Module, num_updates: int) -> None:
     """Called by the models' set_num_updates (fairseq calls it after every update)."""
-    for module in model.modules():
-        stats = module.__dict__.get("gpam_stats")
-        if stats is not None:
-            stats.num_updates = num_updates
+    for stats in observers_of(model):
+        stats.num_updates = num_updates

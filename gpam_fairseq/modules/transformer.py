@@ -17,7 +17,7 @@ from fairseq.modules.transformer_layer import (
 )
 
 from gpam_fairseq.attention.mechanisms import build_mechanism
-from gpam_fairseq.attention.multihead import GPAMMultiheadAttention
+from gpam_fairseq.attention.multihead import GPAMMultiheadAttention, mark_causal
 from gpam_fairseq.options import GPAMOptions
 
 
@@ -122,6 +122,11 @@ class GPAMTransformerDecoder(TransformerDecoderBase):
         super().__init__(
             cfg, dictionary, embed_tokens, no_encoder_attn=no_encoder_attn, output_projection=output_projection
         )
+
+    def buffered_future_mask(self, tensor):
+        """fairseq's future mask, recorded as causal: the attention then takes the fused
+        kernel's causal path (``is_causal``, no mask tensor) when there is no padding."""
+        return mark_causal(super().buffered_future_mask(tensor))
 
     def build_decoder_layer(self, cfg, no_encoder_attn=False):
         self.layers_built += 1
