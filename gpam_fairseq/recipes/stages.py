@@ -111,6 +111,9 @@ def stage_preprocess(s, argv):
     if not is_done(s.prepared, "prepare"):
         raise RecipeError(f"{s.prepared} is not prepared: run {s.recipe.name}/prepare.py first (same DATA_DIR/SETUP)")
     say(f"[preprocess] fairseq-preprocess -> {s.data_bin}")
+    from gpam_fairseq.recipes.text import check_preprocess_inputs
+
+    check_preprocess_inputs(s.recipe.preprocess(s.prepared, s.setup))  # both sides of each split line up
     run_cli("fairseq-preprocess",
             [fairseq_cli("fairseq-preprocess"), *s.recipe.preprocess(s.prepared, s.setup), "--destdir", s.data_bin,
              "--workers", str(max(1, env_int("WORKERS", os.cpu_count() or 1)))],
