@@ -1,11 +1,18 @@
 """`make demo`'s script, run small: it must print the table and write its results."""
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 
+import pytest
+
 from helpers import REPO
+
+_spec = importlib.util.spec_from_file_location("demo", os.path.join(REPO, "examples", "quickstart", "demo.py"))
+demo = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(demo)
 
 
 def test_demo_runs_end_to_end_and_prints_the_table(tmp_path):
@@ -23,7 +30,22 @@ def test_demo_runs_end_to_end_and_prints_the_table(tmp_path):
     assert "tensorboard logs:" in out
     rows = json.loads((out_dir / "results.json").read_text())
     assert [r["attention"] for r in rows] == ["softmax", "dagpam"]
+    # daGPAM adds one d_h x d_h matrix per attention module: 2 encoder self + 2 decoder self
+    # + 2 cross attention, d_h = 64 / 4 heads
+    assert rows[1]["params"] - rows[0]["params"] == 6 * 16 * 16
+    refs = (out_dir / "raw" / "test.tgt").read_text().splitlines()
     for r in rows:
-        assert r["params"] > 0 and r["wps"] > 0 and 0 <= r["bleu"] <= 100
-    assert rows[1]["params"] > rows[0]["params"]
+        assert r["wps"] > 0
+        run = out_dir / "runs" / r["attention"]
+        hyps = (run / "hyps.txt").read_text().splitlines()
+        assert hyps == (out_dir / f"test_{r['attention']}.hyp").read_text().splitlines()
+        # the references scored are the test set's, every sentence, in order
+        assert (run / "refs.txt").read_text().splitlines() == refs and len(hyps) == 40
+        # the BLEU reported is the demo's scoring of those files...
+        assert r["bleu"] == demo.score(hyps, refs)["bleu"]
+        assert json.loads((run / "run.json").read_text())["bleu"] == r["bleu"]
+    # ...and that scoring gives a system that copies the references 100 and the same sentences
+    # shuffled across the test set far less (a 20-update model scores near 0 here: no threshold)
+    assert demo.score(refs, refs)["bleu"] == pytest.approx(100.0)
+    assert demo.score(refs[1:] + refs[:1], refs)["bleu"] < 20
     assert (out_dir / "tensorboard" / "dagpam" / "train").is_dir()

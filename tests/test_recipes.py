@@ -143,10 +143,37 @@ def test_iwslt14_all_stages_and_idempotence(iwslt):
     assert read(run_dir / "refs.txt") == [line.lower() for line in read(iwslt["root"] / "data" / "prepared" / "test.raw.en")] or \
         read(run_dir / "refs.txt") == read(iwslt["root"] / "data" / "prepared" / "test.raw.en")
     assert result["bleu_signature"].startswith("nrefs:1|case:lc|")  # lowercased data, lowercased score
-    assert 0 <= result["bleu"] <= 100 and 0 <= result["chrf"] <= 100 and result["bleu_tokenized"] is not None
-    assert result["params"] > 0 and result["train_wps"] > 0 and result["num_updates"] == 4
+    assert result["bleu_tokenized"] is not None
+    assert result["train_wps"] > 0 and result["num_updates"] == 4
+    # the tiny model: fairseq's parameter count, daGPAM's share exactly one 16 x 16 W_Q- per module
+    # (1 encoder self, 1 decoder self, 1 cross attention; d=32, 2 heads)
+    from gpam_fairseq.fairseq_tools import build_translation_model
+    from helpers import count
+
+    dicts = [len(read(iwslt["root"] / "data" / "data-bin" / f"dict.{lang}.txt")) + 4 for lang in ("de", "en")]
+    stock = build_translation_model("transformer_iwslt_de_en", ["--share-decoder-input-output-embed",
+                                                                *TINY_NMT.split()[:16]], *dicts)
+    assert result["params"] == count(stock.parameters()) + 3 * 16 * 16
     assert (run_dir / "tensorboard" / "valid").is_dir()
     assert "already done" in run_stage("iwslt14", "evaluate", env)
+    # the score is sacreBLEU of the run folder's files, with the signature it reports
+    from sacrebleu.metrics import BLEU, CHRF
+
+    hyps, refs = read(run_dir / "hyps.txt"), read(run_dir / "refs.txt")
+    assert result["bleu"] == BLEU(lowercase=True).corpus_score(hyps, [refs]).score
+    assert result["chrf"] == CHRF(lowercase=True).corpus_score(hyps, [refs]).score
+    # a system that copies the references (fairseq-generate --score-reference) through the same
+    # stage (generate, detokenise, score against the untokenised test set) scores 100; its
+    # outputs shuffled across sentences far less
+    copy_env = {**env, "FORCE": "1", "EVAL_ARGS": "--score-reference"}
+    run_stage("iwslt14", "evaluate", copy_env)
+    copied = json.loads((run_dir / "run.json").read_text())
+    assert copied["bleu"] == pytest.approx(100.0) and copied["chrf"] == pytest.approx(100.0)
+    assert copied["bleu_tokenized"] == pytest.approx(100.0)
+    copy_hyps = read(run_dir / "hyps.txt")
+    assert BLEU(lowercase=True).corpus_score(copy_hyps[1:] + copy_hyps[:1], [refs]).score < 20
+    run_stage("iwslt14", "evaluate", {**env, "FORCE": "1"})  # the trained system's run.json again
+    assert json.loads((run_dir / "run.json").read_text())["bleu"] == result["bleu"]
     pytest.iwslt_run = run_dir
 
 
