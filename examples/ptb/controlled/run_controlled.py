@@ -201,8 +201,7 @@ def main(argv=None):
         if args.reuse and all(os.path.exists(f) for f in (ckpt, train_log, eval_log_path)):
             print("|     reusing the checkpoint and logs already there (--reuse)", flush=True)
             log, eval_log = (open(f).read() for f in (train_log, eval_log_path))
-            walls = re.findall(r'"train_wall": "([\d.]+)"', log)
-            train_s = float(walls[-1]) if walls else float("nan")
+            train_s = float("nan")
         else:
             log, train_s = run([fairseq_cli("fairseq-train"), data_bin, "--user-dir", USER_DIR, *flags,
                                 "--attention-type", t, "--save-dir", save_dir], train_log)
@@ -211,6 +210,8 @@ def main(argv=None):
                                "--gen-subset", "test", "--tokens-per-sample", str(size["tokens_per_sample"]),
                                "--context-window", str(size["tokens_per_sample"] // 2), "--batch-size", "8"],
                               eval_log_path)
+        walls = re.findall(r'"train_wall": "([\d.]+)"', log)  # fairseq's training time, fresh or reused
+        train_s = float(walls[-1]) if walls else train_s
         loss2, ppl = parse_ppl(eval_log)
         valid = [json.loads(l.split("|")[-1].strip()) for l in log.splitlines() if "| valid |" in l and "{" in l]
         results.append(dict(attention_type=t, parameters=parse_params(log), test_ppl=ppl, test_loss_base2=loss2,
