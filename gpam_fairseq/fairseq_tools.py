@@ -51,12 +51,12 @@ def fairseq_cli(name: str) -> str:
 
 
 def run_logged(cmd: Sequence, log_path: str, echo: Optional[Callable[[str], Optional[str]]] = None,
-               cwd: str = REPO_ROOT) -> Tuple[int, str]:
+               cwd: str = REPO_ROOT, env: Optional[Dict[str, str]] = None) -> Tuple[int, str]:
     """Run a command, its output into log_path; echo(line) picks lines to show as progress.
-    Returns (exit code, the whole output)."""
+    env: the command's environment (default: this process's). Returns (exit code, the whole output)."""
     with open(log_path, "w", encoding="utf-8") as log:
         proc = subprocess.Popen(
-            [str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd
+            [str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd, env=env
         )
         for line in proc.stdout:
             log.write(line)

@@ -110,27 +110,73 @@ def test_checkpoint_holds_gpam_parameters(nmt_run):
     assert state["cfg"]["model"].attention_type == "dagpam"  # an argparse.Namespace
 
 
-def test_generate_beam5_and_sacrebleu(corpus, nmt_run):
-    out = cli("fairseq-generate", corpus["bin"], "--user-dir", USER_DIR, "--path",
-              os.path.join(nmt_run["save_dir"], "checkpoint_best.pt"), "--gen-subset", "test", *GENERATE)
+def generate_outputs(out):
+    """fairseq-generate's detokenised hypotheses and references, in corpus order."""
     hyps = {int(m.group(1)): m.group(2) for m in re.finditer(r"^D-(\d+)\t\S+\t(.*)$", out, re.M)}
     refs = {int(m.group(1)): m.group(2) for m in re.finditer(r"^T-(\d+)\t(.*)$", out, re.M)}
-    assert len(hyps) == len(refs) == 50
+    assert sorted(hyps) == sorted(refs)
+    ids = sorted(refs)
+    return [hyps[i] for i in ids], [refs[i] for i in ids]
 
+
+def test_generate_beam5_and_sacrebleu(corpus, nmt_run):
     from sacrebleu.metrics import BLEU
 
+    ckpt = os.path.join(nmt_run["save_dir"], "checkpoint_best.pt")
+    out = cli("fairseq-generate", corpus["bin"], "--user-dir", USER_DIR, "--path", ckpt, "--gen-subset", "test", *GENERATE)
+    hyps, refs = generate_outputs(out)
+    assert len(hyps) == len(refs) == 50
+    with open(os.path.join(corpus["raw"], "test.tgt")) as f:
+        assert refs == f.read().splitlines()  # every reference, in corpus order
     bleu = BLEU()
-    ids = sorted(refs)
-    score = bleu.corpus_score([hyps[i] for i in ids], [[refs[i] for i in ids]])
-    assert 0 <= score.score <= 100
+    score = bleu.corpus_score(hyps, [refs]).score
     assert str(bleu.get_signature()).startswith("nrefs:1|case:mixed|eff:no|tok:13a")
+    # fairseq-generate's own scorer pairs each hypothesis with its reference inside the process;
+    # the same corpus BLEU (unsmoothed, on the space-separated tokens) from the parsed output
+    # agrees only if the parsing kept every hypothesis with its reference
+    fairseq_bleu = float(re.search(r"BLEU4 = ([\d.]+)", out).group(1))
+    plain = BLEU(tokenize="none", smooth_method="none", force=True).corpus_score(hyps, [refs]).score
+    assert plain == pytest.approx(fairseq_bleu, abs=0.01)
+    # the scoring itself: a system that outputs the references (fairseq-generate --score-reference,
+    # through the same parsing) scores 100, the same outputs shuffled across sentences far lower
+    out_ref = cli("fairseq-generate", corpus["bin"], "--user-dir", USER_DIR, "--path", ckpt, "--gen-subset", "test",
+                  "--score-reference", *GENERATE)
+    copied, refs_again = generate_outputs(out_ref)
+    assert refs_again == refs and BLEU().corpus_score(copied, [refs]).score == pytest.approx(100.0)
+    shuffled = copied[1:] + copied[:1]
+    assert BLEU().corpus_score(shuffled, [refs]).score < 20  # measured: 6-8 on this corpus
+    assert score < 100
 
 
-def test_generate_print_alignment_uses_signed_weights(corpus, nmt_run):
+def soft_alignment_rows(out):
+    """The weight rows of fairseq-generate's --print-alignment soft lines (one row per target token)."""
+    lines = re.findall(r"^A-\d+\t(.*)$", out, re.M)
+    assert len(lines) == 50
+    return [[float(x) for x in row.split(",")] for line in lines for row in line.split()]
+
+
+@pytest.mark.parametrize("lambdas", [(0.2, 0.2), (0.0, 0.0), (1.0, 1.0)], ids=["trained", "lambda0", "lambda1"])
+def test_generate_print_alignment_uses_signed_weights(corpus, nmt_run, lambdas):
+    """--print-alignment soft prints the alignment layer's cross-attention weights (mean over
+    heads) of every target token of the beam-search hypotheses: daGPAM's P_G. The trained λ, then
+    the same checkpoint with λ+ = λ- = 0 (plain softmax: no weight below 0) and λ+ = λ- = 1
+    (--model-overrides): each row sums to 1 + λ+ - λ- = 1 and lies in [-λ-, 1 + λ+], and with
+    λ- = 1 some printed weights are negative."""
+    lambda_pos, lambda_neg = lambdas
+    overrides = [] if lambdas == (0.2, 0.2) else [
+        "--model-overrides", str({"gpam_lambda_pos": lambda_pos, "gpam_lambda_neg": lambda_neg})]
     out = cli("fairseq-generate", corpus["bin"], "--user-dir", USER_DIR, "--path",
-              os.path.join(nmt_run["save_dir"], "checkpoint_best.pt"), "--gen-subset", "test", "--print-alignment",
-              *GENERATE)
-    assert re.search(r"^A-\d+\t\d+-\d+", out, re.M)
+              os.path.join(nmt_run["save_dir"], "checkpoint_best.pt"), "--gen-subset", "test",
+              "--print-alignment", "soft", *overrides, *GENERATE)
+    rows = soft_alignment_rows(out)
+    weights = [w for row in rows for w in row]
+    for row in rows:
+        assert sum(row) == pytest.approx(1.0, abs=1e-6 * len(row) + 1e-6)
+    assert -lambda_neg - 1e-6 <= min(weights) and max(weights) <= 1 + lambda_pos + 1e-6
+    if lambda_neg == 0:
+        assert min(weights) >= 0
+    if lambda_neg == 1.0:  # measured: about 80 of 2,600 weights, down to -0.09
+        assert min(weights) < -1e-3 and sum(w < 0 for w in weights) >= 10
 
 
 def test_interactive(corpus, nmt_run):
@@ -212,3 +258,16 @@ def test_language_model_softmax_baseline_through_the_cli(lm_run, tmp_path):
         "--attention-type", "softmax", "--save-dir", save_dir)
     state = torch.load(os.path.join(save_dir, "checkpoint_last.pt"), map_location="cpu")
     assert not [k for k in state["model"] if "mechanism" in k]
+
+
+def test_language_model_refuses_xformers_config_through_the_cli(lm_run, tmp_path):
+    """fairseq's own LM would build xFormers attention for this flag and die on the missing
+    package ("Please install xFormers"); ours runs on SDPA and says so in one line, naming the flag."""
+    proc = run_cli("fairseq-train", lm_run["bin"], "--user-dir", USER_DIR, *LM_ARCH, *LM_TRAIN, "--max-update", "1",
+                   "--decoder-xformers-att-config", "{'name': 'scaled_dot_product'}", "--save-dir", str(tmp_path / "x"))
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "GPAMConfigError: --decoder-xformers-att-config: not supported by transformer_lm_gpam" in last, proc.stderr[-2000:]
+    assert "drop the flag" in last and "xFormers" not in proc.stderr
+    assert not os.path.exists(tmp_path / "x" / "checkpoint_last.pt")
+

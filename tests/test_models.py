@@ -44,13 +44,28 @@ def build_on_meta(arch, kind, extra, sizes):
         return build_language_model(arch, extra, vocab=sizes)
 
 
+# architecture: (attention modules = layers x blocks per layer, head dimension d_h, stock namesake)
+OVERHEAD_SHAPES = {
+    "transformer_gpam_iwslt_de_en": (6 + 6 * 2, 512 // 4, "transformer_iwslt_de_en"),
+    "transformer_gpam_wmt_en_de": (6 + 6 * 2, 512 // 8, "transformer_wmt_en_de"),
+    "transformer_lm_gpam_wiki103": (16, 1024 // 8, "transformer_lm_wiki103"),
+    "transformer_gpam": (6 + 6 * 2, 512 // 8, "transformer"),
+    "transformer_gpam_vaswani_wmt_en_de_big": (6 + 6 * 2, 1024 // 16, "transformer_vaswani_wmt_en_de_big"),
+    "transformer_lm_gpam": (6, 512 // 8, "transformer_lm"),
+}
+
+
 @pytest.mark.parametrize("arch", list(PAPER_CONFIGS) + list(OTHER_CONFIGS))
 def test_parameter_overhead(arch):
+    """daGPAM adds exactly one d_h x d_h W_Q- per attention module to the stock model's parameters."""
     kind, extra, sizes = {**PAPER_CONFIGS, **OTHER_CONFIGS}[arch]
     model = build_on_meta(arch, kind, extra, sizes)
     gpam, total, share = gpam_parameter_share(model)
     print(f"\n{arch}: {gpam:,} daGPAM parameters of {total:,} = {share:.3f} %")
-    assert gpam > 0
+    modules, head_dim, stock_arch = OVERHEAD_SHAPES[arch]
+    assert gpam == modules * head_dim * head_dim
+    stock = build_on_meta(stock_arch, kind, extra, sizes)
+    assert total == sum(p.numel() for p in stock.parameters()) + gpam
     if arch in PAPER_CONFIGS:  # the configurations the paper trained: 0.1 % to 0.84 %
         assert 0.1 <= share <= 0.84
 
@@ -129,6 +144,32 @@ def test_language_model_equals_stock(attention_type, extra):
     tokens = torch.randint(4, 60, (2, 9))
     stock.eval(), ours.eval()
     torch.testing.assert_close(ours(tokens)[0], stock(tokens)[0], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("attention_type,extra", [("softmax", []), ("dagpam", ["--gpam-lambda-pos", "0", "--gpam-lambda-neg", "0"])])
+def test_adaptive_input_language_model_equals_stock(attention_type, extra):
+    """transformer_lm_gpam_wiki103 (Pre-LN, adaptive input and adaptive softmax with tied
+    weights and projections, no final norm) against stock transformer_lm_wiki103 with the same
+    weights: the decoder's features and the adaptive softmax's log-probabilities. Cutoffs and
+    sizes shrunk to a 60-word vocabulary."""
+    shrink = ["--decoder-layers", "2", "--decoder-embed-dim", "32", "--decoder-input-dim", "32",
+              "--decoder-output-dim", "32", "--decoder-ffn-embed-dim", "64", "--decoder-attention-heads", "4",
+              "--adaptive-input-cutoff", "20,40", "--adaptive-softmax-cutoff", "20,40"]
+    torch.manual_seed(0)
+    stock = build_language_model("transformer_lm_wiki103", shrink, vocab=60)
+    ours = build_language_model("transformer_lm_gpam_wiki103", shrink + ["--attention-type", attention_type, *extra], vocab=60)
+    assert stock.decoder.adaptive_softmax is not None and stock.decoder.layers[0].normalize_before
+    assert ours.decoder.adaptive_softmax is not None and ours.decoder.layers[0].normalize_before
+    assert {m.name for m in mechanisms(ours).values()} == {attention_type}
+    copy_weights(stock, ours)
+    tokens = torch.randint(4, 60, (2, 9))
+    stock.eval(), ours.eval()
+    out_stock, out_ours = stock(tokens), ours(tokens)
+    torch.testing.assert_close(out_ours[0], out_stock[0], atol=1e-5, rtol=0)
+    lp_stock = stock.get_normalized_probs(out_stock, log_probs=True)
+    lp_ours = ours.get_normalized_probs(out_ours, log_probs=True)
+    assert lp_ours.shape == (2, 9, 60)
+    torch.testing.assert_close(lp_ours, lp_stock, atol=1e-5, rtol=0)
 
 
 def test_incremental_decoding_of_the_whole_model_equals_full_forward():

@@ -78,9 +78,14 @@ def test_softmax_equals_stock_with_bias_kv_and_zero_attn():
     stock, ours = stock_and_ours("dec_self", add_bias_kv=True, add_zero_attn=True)
     args = inputs("dec_self")
     for need_weights in (False, True):
-        a, _ = stock(**args, need_weights=need_weights)
-        b, _ = ours(**args, need_weights=need_weights)
+        a, wa = stock(**args, need_weights=need_weights)
+        b, wb = ours(**args, need_weights=need_weights)
         torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
+        if need_weights:  # (B, T, T + 2): the bias key and the zero key appended
+            assert wb.shape == wa.shape == (B, T, T + 2)
+            torch.testing.assert_close(wb.to(wa.dtype), wa, atol=1e-5, rtol=0)
+        else:
+            assert wb is None
 
 
 @pytest.mark.parametrize("role", list(ROLES))
@@ -90,10 +95,15 @@ def test_dagpam_with_zero_lambdas_equals_softmax(role):
     _, ours = stock_and_ours(role, options=opts)
     assert ours.attention_type == "dagpam"
     args = inputs(role)
-    for need_weights in (False, True):
-        a, wa = soft(**args, need_weights=need_weights)
-        b, wb = ours(**args, need_weights=need_weights)
+    for need_weights, head in ((False, False), (True, False), (True, True)):
+        a, wa = soft(**args, need_weights=need_weights, need_head_weights=head)
+        b, wb = ours(**args, need_weights=need_weights, need_head_weights=head)
         torch.testing.assert_close(b, a, atol=1e-6, rtol=0)
+        if need_weights:  # the signed map with zero lambdas is the softmax map
+            assert wb.shape == wa.shape == ((H,) if head else ()) + (B, T, S if role == "cross" else T)
+            torch.testing.assert_close(wb, wa, atol=1e-6, rtol=0)
+        else:
+            assert wa is None and wb is None
 
 
 @pytest.mark.parametrize("role", list(ROLES))

@@ -40,6 +40,7 @@ def test_translation_model_errors(flags, expected):
         (["--gpam-blocks", "dec_self,cross"], "--gpam-blocks: 'cross' does not exist in a language model, which has only dec_self"),
         (["--gpam-blocks", "enc_self"], "--gpam-blocks: 'enc_self' does not exist in a language model"),
         (["--gpam-lambda-pos", "-2"], "--gpam-lambda-pos: must be a finite number >= 0, got -2.0"),
+        (["--decoder-xformers-att-config", "{'name': 'scaled_dot_product'}"], "--decoder-xformers-att-config: not supported"),
     ],
 )
 def test_language_model_errors(flags, expected):

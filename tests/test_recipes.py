@@ -10,6 +10,7 @@ import io
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import tarfile
@@ -142,8 +143,17 @@ def test_iwslt14_all_stages_and_idempotence(iwslt):
     assert read(run_dir / "refs.txt") == [line.lower() for line in read(iwslt["root"] / "data" / "prepared" / "test.raw.en")] or \
         read(run_dir / "refs.txt") == read(iwslt["root"] / "data" / "prepared" / "test.raw.en")
     assert result["bleu_signature"].startswith("nrefs:1|case:lc|")  # lowercased data, lowercased score
-    assert 0 <= result["bleu"] <= 100 and 0 <= result["chrf"] <= 100 and result["bleu_tokenized"] is not None
-    assert result["params"] > 0 and result["train_wps"] > 0 and result["num_updates"] == 4
+    assert result["bleu_tokenized"] is not None
+    assert result["train_wps"] > 0 and result["num_updates"] == 4
+    # the tiny model: fairseq's parameter count, daGPAM's share exactly one 16 x 16 W_Q- per module
+    # (1 encoder self, 1 decoder self, 1 cross attention; d=32, 2 heads)
+    from gpam_fairseq.fairseq_tools import build_translation_model
+    from helpers import count
+
+    dicts = [len(read(iwslt["root"] / "data" / "data-bin" / f"dict.{lang}.txt")) + 4 for lang in ("de", "en")]
+    stock = build_translation_model("transformer_iwslt_de_en", ["--share-decoder-input-output-embed",
+                                                                *TINY_NMT.split()[:16]], *dicts)
+    assert result["params"] == count(stock.parameters()) + 3 * 16 * 16
     inference = result["inference"]  # fairseq-generate's speed line, the batch settings, device and memory
     assert inference["tool"] == "fairseq-generate" and inference["sentences"] == 40 and inference["beam"] == 5
     assert inference["batch_size"] == 128 and inference["sentences_per_s"] > 0 and inference["tokens_per_s"] > 0
@@ -152,7 +162,215 @@ def test_iwslt14_all_stages_and_idempotence(iwslt):
     assert "| gpam_fairseq peak_memory |" in (run_dir / "generate.log").read_text()
     assert (run_dir / "tensorboard" / "valid").is_dir()
     assert "already done" in run_stage("iwslt14", "evaluate", env)
+    # the score is sacreBLEU of the run folder's files, with the signature it reports
+    from sacrebleu.metrics import BLEU, CHRF
+
+    hyps, refs = read(run_dir / "hyps.txt"), read(run_dir / "refs.txt")
+    assert result["bleu"] == BLEU(lowercase=True).corpus_score(hyps, [refs]).score
+    assert result["chrf"] == CHRF(lowercase=True).corpus_score(hyps, [refs]).score
+    # a system that copies the references (fairseq-generate --score-reference) through the same
+    # stage (generate, detokenise, score against the untokenised test set) scores 100; its
+    # outputs shuffled across sentences far less
+    copy_env = {**env, "FORCE": "1", "EVAL_ARGS": "--score-reference"}
+    run_stage("iwslt14", "evaluate", copy_env)
+    copied = json.loads((run_dir / "run.json").read_text())
+    assert copied["bleu"] == pytest.approx(100.0) and copied["chrf"] == pytest.approx(100.0)
+    assert copied["bleu_tokenized"] == pytest.approx(100.0)
+    copy_hyps = read(run_dir / "hyps.txt")
+    assert BLEU(lowercase=True).corpus_score(copy_hyps[1:] + copy_hyps[:1], [refs]).score < 20
+    run_stage("iwslt14", "evaluate", {**env, "FORCE": "1"})  # the trained system's run.json again
+    assert json.loads((run_dir / "run.json").read_text())["bleu"] == result["bleu"]
     pytest.iwslt_run = run_dir
+
+
+# --- parallel data stays aligned --------------------------------------------------------------
+
+ONE_SIDED = {  # pair index -> (German, English) additions that only one side has
+    3: (" siehe <url>", ""),                       # a sentence that mentions a tag: a sentence, not metadata
+    7: (" mehr dazu gibt es auf der seite im netz", " see <url>http://ted.com</url> now"),  # a url element inside a sentence
+    11: ("", " <keywords> matter"),
+    15: (" die <talkid> fehlt", ""),
+    19: ("\r", ""),                                # a stray carriage return inside the line
+}
+
+
+def make_aligned_iwslt14_archive(path, drop_en=None, shift_metadata=False):
+    """de-en.tgz in the real layout, three talks with their metadata headers; every line that
+    is not metadata carries an id token (id0000, ...; talk t's title id9t00, its description id9t01; test sets id8...) on both
+    sides, so that the pairs can be checked after preprocessing. Some sentences mention <url>,
+    <keywords> or <talkid> on one side only; one German line has a stray carriage return.
+    drop_en: leave out the English line of that pair (a misaligned corpus, the counts differ);
+    shift_metadata: the English <keywords> line of the second talk moves one line down (same
+    counts, misaligned metadata)."""
+    pairs = sentence_pairs(90, seed=7, min_len=6, max_len=9)
+    sides = {"de": [], "en": []}
+    ids = []
+    for talk in range(3):
+        header = {"de": [f"<url>http://www.ted.com/talks/{talk}.html</url>", f"<keywords>talks, x{talk}</keywords>",
+                         f"<talkid>{talk}</talkid>", f"<title>Ein Titel id9{talk}00</title>",
+                         f"<description>Beschreibung id9{talk}01</description>"],
+                  "en": [f"<url>http://www.ted.com/talks/{talk}.html</url>", f"<keywords>talks, x{talk}</keywords>",
+                         f"<talkid>{talk}</talkid>", f"<title>A title id9{talk}00</title>",
+                         f"<description>About id9{talk}01</description>"]}
+        body = {"de": [], "en": []}
+        for i in range(30 * talk, 30 * (talk + 1)):
+            de_extra, en_extra = ONE_SIDED.get(i, ("", ""))
+            de, en = pairs[i]
+            if de_extra == "\r":
+                words = de.split(" ")
+                de, de_extra = " ".join(words[:2]) + "\r" + " ".join(words[2:]), ""
+            body["de"].append(f"{de}{de_extra} id{i:04d}")
+            if i != drop_en:
+                body["en"].append(f"{en}{en_extra} id{i:04d}")
+        if shift_metadata and talk == 1:
+            header["en"].remove(f"<keywords>talks, x{talk}</keywords>")
+            header["en"].insert(4, f"<keywords>talks, x{talk}</keywords>")
+            header["en"].insert(3, body["en"].pop(0))  # the first sentence moves up in its place
+        for lang in ("de", "en"):
+            sides[lang] += header[lang] + body[lang]
+        ids += [f"id9{talk}00", f"id9{talk}01"] + [f"id{i:04d}" for i in range(30 * talk, 30 * (talk + 1))]
+    with tarfile.open(path, "w:gz") as tar:
+        for k, lang in enumerate(("de", "en")):
+            add_file(tar, f"de-en/train.tags.de-en.{lang}", "\n".join(sides[lang]) + "\n")
+            for j, name in enumerate(("IWSLT14.TED.dev2010", "IWSLT14.TEDX.dev2012", "IWSLT14.TED.tst2010",
+                                      "IWSLT14.TED.tst2011", "IWSLT14.TED.tst2012")):
+                test = [(f"{de} id8{j}{n:02d}", f"{en} id8{j}{n:02d}") for n, (de, en) in enumerate(sentence_pairs(4, seed=50 + j))]
+                add_file(tar, f"de-en/{name}.de-en.{lang}.xml",
+                         seg_file([p[k] for p in test], "refset" if lang == "en" else "srcset", lang))
+    return ids
+
+
+def binarised_pairs(data_bin, split):
+    """Both sides of a binarised split as text, BPE removed (what fairseq-train will read)."""
+    from fairseq.data import Dictionary, data_utils
+
+    out = {}
+    for lang in ("de", "en"):
+        d = Dictionary.load(str(data_bin / f"dict.{lang}.txt"))
+        ds = data_utils.load_indexed_dataset(str(data_bin / f"{split}.de-en.{lang}"), d)
+        out[lang] = [d.string(ds[i], bpe_symbol="subword_nmt") for i in range(len(ds))]
+    return list(zip(out["de"], out["en"]))
+
+
+def id_token(line):
+    (token,) = re.findall(r"\bid\d{4}\b", line)
+    return token
+
+
+def test_iwslt14_pairs_stay_aligned_through_prepare_and_preprocess(tmp_path):
+    archive = tmp_path / "de-en.tgz"
+    ids = make_aligned_iwslt14_archive(str(archive))
+    env = dirs_env(tmp_path)
+    run_stage("iwslt14", "prepare", env, "--archive", str(archive))
+    run_stage("iwslt14", "preprocess", env)
+    data_bin = tmp_path / "data" / "data-bin"
+    train = binarised_pairs(data_bin, "train")
+    for de, en in train:
+        assert id_token(de) == id_token(en), (de, en)
+    # ids of valid and test lines are words the training dictionary lacks (<unk> once binarised):
+    # check their text, and that the binarised splits have as many pairs
+    prep = tmp_path / "data" / "prepared"
+    valid, test = ([(de.replace("@@ ", ""), en.replace("@@ ", "")) for de, en in zip(read(prep / f"{split}.de"),
+                                                                                    read(prep / f"{split}.en"))]
+                   for split in ("valid", "test"))
+    assert len(binarised_pairs(data_bin, "valid")) == len(valid) and len(binarised_pairs(data_bin, "test")) == len(test)
+    for de, en in valid + test:
+        assert id_token(de) == id_token(en), (de, en)
+    # every training line that is not metadata survives, once: the mentions of <url>, <keywords>,
+    # <talkid> are sentences, the carriage return did not split its line
+    assert sorted(id_token(de) for de, _ in train + valid) == sorted(ids)
+    assert len(test) == 20
+    by_id = {id_token(de): (de, en) for de, en in train + valid}
+    assert "&lt; url &gt;" in by_id["id0003"][0] and "http" in by_id["id0007"][1]
+    assert "&lt; keywords &gt;" in by_id["id0011"][1] and "&lt; talkid &gt;" in by_id["id0015"][0]
+    de, en = by_id["id0019"]  # the carriage return became a space: as many words as the English ("'s" aside)
+    assert "\r" not in de and len(de.split()) + 1 == len(en.split())
+    assert by_id["id9000"][1] == "a title id9000"  # title text kept, its tags stripped
+    assert not [line for pair in train + valid for line in pair if "ted.com/talks" in line or "x1" in line]
+
+
+def last_stderr_line(proc):
+    lines = proc.stderr.strip().splitlines()
+    return lines[-1] if lines else ""
+
+
+@pytest.mark.parametrize("case", ["dropped_line", "shifted_metadata"])
+def test_iwslt14_misaligned_tag_files_stop_with_one_line(tmp_path, case):
+    archive = tmp_path / "de-en.tgz"
+    make_aligned_iwslt14_archive(str(archive), drop_en=40 if case == "dropped_line" else None,
+                                 shift_metadata=case == "shifted_metadata")
+    proc = subprocess.run([sys.executable, os.path.join(EXAMPLES, "iwslt14", "prepare.py"), "--archive", str(archive)],
+                          capture_output=True, text=True, env={**os.environ, **dirs_env(tmp_path)}, cwd=REPO)
+    assert proc.returncode != 0
+    last = last_stderr_line(proc)
+    de = str(tmp_path / "data" / "orig" / "de-en" / "train.tags.de-en.de")
+    en = str(tmp_path / "data" / "orig" / "de-en" / "train.tags.de-en.en")
+    assert last.startswith("iwslt14/prepare: train tag files: ") and de in last and en in last, proc.stderr[-2000:]
+    if case == "dropped_line":  # 3 talks x (5 header lines + 30 sentences), one English line missing
+        assert f"{de} has 105 lines but {en} has 104" in last
+    else:  # talk 2, line 38: the German <talkid> line faces the English title
+        assert f"line 38 is a metadata line (<url>, <talkid>, <keywords>) in {de} but a sentence in {en}" in last
+
+
+@pytest.mark.parametrize("step", ["moses_tokenize", "lowercase_file", "apply_bpe"])
+def test_iwslt14_every_one_sided_step_is_checked(tmp_path, monkeypatch, step):
+    """A step that loses a line of one side stops the prepare stage with one line naming both files."""
+    from gpam_fairseq.recipes import preparation, text
+    from gpam_fairseq.recipes.common import RecipeError
+
+    archive = tmp_path / "de-en.tgz"
+    make_aligned_iwslt14_archive(str(archive))
+    module = preparation if step == "lowercase_file" else text
+    original = getattr(module, step)
+    out_arg = {"moses_tokenize": 1, "lowercase_file": 1, "apply_bpe": 2}[step]
+
+    def lossy(*args, **kwargs):
+        original(*args, **kwargs)
+        out = args[out_arg]
+        if out.endswith(".en") and "train" in os.path.basename(out):
+            with open(out, encoding="utf-8") as f:
+                lines = f.readlines()
+            with open(out, "w", encoding="utf-8") as f:
+                f.writelines(lines[:-1])
+
+    monkeypatch.setattr(module, step, lossy)
+    monkeypatch.setenv("WORKERS", "1")
+    sources = preparation.Sources(str(tmp_path / "data" / "orig"), [str(archive)])
+    with pytest.raises(RecipeError) as err:
+        preparation.prepare_iwslt14(str(tmp_path / "data"), sources, bpe_tokens=200)
+    message = str(err.value)
+    assert "\n" not in message and re.search(r"has [\d,]+ lines but \S+\.en has [\d,]+", message), message
+    assert {"moses_tokenize": "tokenisation", "lowercase_file": "lowercasing", "apply_bpe": "BPE of train"}[step] in message
+
+
+def test_wmt16_misaligned_split_stops_with_one_line(tmp_path):
+    pairs = sentence_pairs(12, seed=31)
+    files = {}
+    for split in ("train.tok.clean.bpe.32000", "newstest2013.tok.bpe.32000", "newstest2014.tok.bpe.32000"):
+        files[f"{split}.en"] = "".join(p[1] + "\n" for p in pairs)
+        files[f"{split}.de"] = "".join(p[0] + "\n" for p in pairs[:-1 if split.startswith("train") else None])
+    make_tgz(tmp_path / "wmt16_en_de.tar.gz", files)
+    proc = subprocess.run([sys.executable, os.path.join(EXAMPLES, "wmt14_en_de", "prepare.py"), "--archive",
+                           str(tmp_path / "wmt16_en_de.tar.gz")], capture_output=True, text=True,
+                          env={**os.environ, **dirs_env(tmp_path, SETUP="scaling_nmt")}, cwd=REPO)
+    prep = tmp_path / "data" / "prepared"
+    assert proc.returncode != 0
+    assert last_stderr_line(proc) == (f"wmt14_en_de/prepare: train data of wmt16_en_de.tar.gz: {prep / 'train.en'} has 12 "
+                                      f"lines but {prep / 'train.de'} has 11; the two sides of a parallel corpus must "
+                                      f"have one line per sentence pair: check the input files")
+
+
+def test_preprocess_stage_checks_the_prepared_pairs(tmp_path):
+    from gpam_fairseq.recipes.common import RecipeError
+    from gpam_fairseq.recipes.definitions import RECIPES
+    from gpam_fairseq.recipes.text import check_preprocess_inputs
+
+    for split, n in (("train", 5), ("valid", 2), ("test", 2)):
+        (tmp_path / f"{split}.de").write_text("a\n" * n)
+        (tmp_path / f"{split}.en").write_text("a\n" * (n + (split == "valid")))
+    with pytest.raises(RecipeError, match=r"fairseq-preprocess --validpref: .*valid\.de has 2 lines but .*valid\.en has 3"):
+        check_preprocess_inputs(RECIPES["iwslt14"].preprocess(str(tmp_path)))
+    check_preprocess_inputs(RECIPES["ptb"].preprocess(str(tmp_path)))  # a language model has one side
 
 
 def test_iwslt14_baseline_is_the_stock_architecture_pre_ln_en_de(iwslt):

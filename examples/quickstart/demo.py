@@ -8,7 +8,14 @@ settings, once with `--attention-type softmax` (the stock Transformer) and once 
 and prints one table. Everything runs through the stock fairseq command lines with
 `--user-dir gpam_fairseq`, exactly as a user would run them.
 
-    python examples/quickstart/demo.py [--out runs/demo] [--max-update 1200]
+Same result on every run: the corpus, the seeds and the data order are fixed, and the
+fairseq commands run with their floating-point arithmetic pinned (see PINNED_ARITHMETIC):
+one thread (a sum split over N threads rounds differently for each N), and on x86-64 CPUs with
+AVX2 torch's AVX2 kernels and MKL's AVX2 code branch (an AVX-512 CPU would otherwise round
+differently from an AVX2 one, and MKL picks its kernels per CPU). Other CPU families (ARM) and
+other torch/MKL versions compute other roundings, hence other numbers.
+
+    python examples/quickstart/demo.py [--out runs/demo] [--max-update 700] [--seed 1]
 """
 
 import argparse
@@ -41,17 +48,35 @@ TRAIN_ARGS = [
     "--lr", "2e-3", "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "200",
     "--dropout", "0.1", "--weight-decay", "0.0001",
     "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1",
-    "--max-tokens", "4096", "--seed", "1",
+    "--max-tokens", "4096",
     "--no-epoch-checkpoints", "--log-format", "json", "--log-interval", "50",
 ]
+# Environment of the fairseq commands (see the docstring); the caller's settings of these
+# variables are overridden. The x86 ones only on a CPU with AVX2 (AVX-512 CPUs have it too).
+PINNED_ARITHMETIC = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+PINNED_ARITHMETIC_X86 = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2"}
+
+
+def pinned_environment():
+    """This process's environment with the arithmetic of the fairseq commands pinned."""
+    import torch
+
+    env = {**os.environ, **PINNED_ARITHMETIC}
+    # the hardware's support, not torch.backends.cpu.get_cpu_capability(), which follows the
+    # caller's ATEN_CPU_CAPABILITY
+    if getattr(torch.cpu, "_is_avx2_supported", lambda: False)():
+        env.update(PINNED_ARITHMETIC_X86)
+    return env
+
+
 # fairseq-fixed drops the sentences of a last batch that is not a multiple of
 # --required-batch-size-multiple (default 8); 1 keeps every test sentence.
 GENERATE_ARGS = ["--beam", "5", "--batch-size", "128", "--required-batch-size-multiple", "1"]
 
 
 def run(step: str, cmd, log_path: str, echo=None) -> str:
-    """Run a fairseq CLI, logging to log_path; echo(line) picks lines to show as progress."""
-    code, text = run_logged(cmd, log_path, echo)
+    """Run a fairseq CLI (arithmetic pinned), logging to log_path; echo(line) picks lines to show as progress."""
+    code, text = run_logged(cmd, log_path, echo, env=pinned_environment())
     if code != 0:
         tail = "".join(text.splitlines(keepends=True)[-25:])
         sys.exit(f"demo: step '{step}' failed (exit {code}); last lines of {log_path}:\n{tail}")
@@ -67,15 +92,15 @@ def score(hyps, refs):
     return {"bleu": b.score, "bleu_signature": str(bleu.get_signature()), "chrf": c.score, "chrf_signature": str(chrf.get_signature())}
 
 
-def write_run_folder(run_dir, system, row, hyps, refs):
+def write_run_folder(run_dir, system, row, hyps, refs, seed=1):
     """The run folder that the recipes' evaluate stage writes (gpam_fairseq/recipes/stages.py), so
     that scripts/compare_runs.py can compare the demo's two systems too."""
     os.makedirs(run_dir)
     for name, lines in (("hyps.txt", hyps), ("refs.txt", refs)):
         with open(os.path.join(run_dir, name), "w", encoding="utf-8") as f:
             f.writelines(line + "\n" for line in lines)
-    run = {"recipe": "demo (synthetic toy task)", "task": "translation", "system": f"demo_{system}_seed1",
-           "group": f"demo {system}", "model": system, "attention_type": system, "seed": 1,
+    run = {"recipe": "demo (synthetic toy task)", "task": "translation", "system": f"demo_{system}_seed{seed}",
+           "group": f"demo {system}", "model": system, "attention_type": system, "seed": seed,
            "params": row["params"], "train_wps": row["wps"], "bleu": row["bleu"], "bleu_signature": row["bleu_signature"],
            "chrf": row["chrf"], "chrf_signature": row["chrf_signature"], "bleu_lowercase": False, "sentences": len(hyps),
            "files": {"hyps": "hyps.txt", "refs": "refs.txt", "tensorboard": os.path.join("..", "..", "tensorboard", system)}}
@@ -103,6 +128,7 @@ def main(argv=None):
     parser.add_argument("--max-update", type=int, default=700, help="training updates per system")
     parser.add_argument("--train-size", type=int, default=20000, help="synthetic training pairs")
     parser.add_argument("--test-size", type=int, default=500, help="synthetic test pairs")
+    parser.add_argument("--seed", type=int, default=1, help="fairseq-train --seed of both systems (the corpus stays the same)")
     args = parser.parse_args(argv)
 
     out = os.path.abspath(args.out)
@@ -111,6 +137,9 @@ def main(argv=None):
     os.makedirs(out)
     start = time.time()
 
+    env = pinned_environment()
+    say(f"      arithmetic pinned for the same result on every run: "
+        f"{', '.join(f'{k}={env[k]}' for k in (*PINNED_ARITHMETIC, *PINNED_ARITHMETIC_X86) if k in env)}")
     say(f"[1/4] synthetic corpus -> {out}/raw")
     say("      NOTE: a toy task, not real translation: each source word maps to one target word and the order is reversed")
     write_corpus(os.path.join(out, "raw"), n_train=args.train_size, n_valid=args.test_size, n_test=args.test_size)
@@ -134,7 +163,7 @@ def main(argv=None):
         train_log = run(
             f"fairseq-train ({system})",
             [fairseq_cli("fairseq-train"), data_bin, "--user-dir", USER_DIR, *MODEL_ARGS,
-             "--attention-type", system, *TRAIN_ARGS, "--max-update", str(args.max_update),
+             "--attention-type", system, *TRAIN_ARGS, "--seed", str(args.seed), "--max-update", str(args.max_update),
              "--save-dir", save_dir, "--tensorboard-logdir", tb_dir],
             os.path.join(out, f"train_{system}.log"),
             echo=training_progress(system),
@@ -151,7 +180,7 @@ def main(argv=None):
             f.writelines(h + "\n" for h in hyps)
         rows.append({"system": f"transformer_gpam_iwslt_de_en (shrunk), {system}", "attention": system,
                      **parse_training_log(train_log), **score(hyps, refs)})
-        write_run_folder(os.path.join(out, "runs", system), system, rows[-1], hyps, refs)
+        write_run_folder(os.path.join(out, "runs", system), system, rows[-1], hyps, refs, args.seed)
 
     table = format_table(rows, rows[0]["params"])
     with open(os.path.join(out, "results.md"), "w", encoding="utf-8") as f:
@@ -160,7 +189,7 @@ def main(argv=None):
         json.dump(rows, f, indent=2)
 
     say("")
-    say(f"Results on the synthetic toy task (test set, {args.test_size} sentences, beam 5):")
+    say(f"Results on the synthetic toy task (test set, {args.test_size} sentences, beam 5, seed {args.seed}):")
     say(table)
     say(f"BLEU signature: {rows[0]['bleu_signature']}")
     say(f"chrF signature: {rows[0]['chrf_signature']}")

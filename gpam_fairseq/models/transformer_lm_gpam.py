@@ -21,7 +21,7 @@ from gpam_fairseq.checkpoints import from_pretrained_checked
 from gpam_fairseq.compat import refuse_fully_sharded_without_cuda
 from gpam_fairseq.finetune import add_missing_mechanism_parameters
 from gpam_fairseq.modules.transformer import GPAMTransformerDecoder
-from gpam_fairseq.options import LM_ROLES, GPAMConfig, gpam_options_from_args
+from gpam_fairseq.options import LM_ROLES, GPAMConfig, GPAMConfigError, gpam_options_from_args
 
 
 @dataclass
@@ -40,6 +40,11 @@ class TransformerLanguageModelGPAM(TransformerLanguageModel):
     def build_model(cls, args, task):
         gpam = gpam_options_from_args(args, LM_ROLES)  # fail early, with the flag's name
         refuse_fully_sharded_without_cuda()
+        if getattr(args, "decoder_xformers_att_config", None):
+            raise GPAMConfigError(
+                "--decoder-xformers-att-config: not supported by transformer_lm_gpam "
+                "(its attention runs through torch scaled_dot_product_attention); drop the flag"
+            )
         # fairseq's builder makes the embeddings (plain, adaptive or character) and a
         # stock decoder; we keep the embeddings and build our decoder around them. The
         # stock decoder is dropped at once (a little construction time, no copied code).

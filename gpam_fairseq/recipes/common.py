@@ -39,7 +39,13 @@ def done_marker(folder: str, stage: str) -> str:
 
 
 def is_done(folder: str, stage: str) -> bool:
-    return os.path.exists(done_marker(folder, stage)) and env("FORCE") != "1"
+    """Whether a stage can be skipped: it finished, and FORCE=1 does not ask to redo it."""
+    return has_finished(folder, stage) and env("FORCE") != "1"
+
+
+def has_finished(folder: str, stage: str) -> bool:
+    """Whether an earlier stage finished (FORCE=1 redoes the stage run now, not its prerequisites)."""
+    return os.path.exists(done_marker(folder, stage))
 
 
 def mark_done(folder: str, stage: str, info=None) -> None:

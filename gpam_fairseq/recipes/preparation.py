@@ -113,39 +113,58 @@ def prepare_iwslt14(data_dir, sources, bpe_tokens=10000):
     extract(sources.get("de-en.tgz", IWSLT14_URL, single=True), orig)
     base = need(os.path.join(orig, lang), "de-en.tgz should unpack to de-en/")
 
-    say("[prepare] train data: strip tags, tokenise")
-    for l in (src, tgt):
-        f = need(os.path.join(base, f"train.tags.{lang}.{l}"), "is this IWSLT14's de-en.tgz?")
-        text.moses_tokenize(text.iwslt_train_lines(f), os.path.join(tmp, f"train.tags.{lang}.tok.{l}"), l)
-    text.clean_corpus(*(os.path.join(tmp, f"train.tags.{lang}.tok.{l}") for l in (src, tgt)),
-                      *(os.path.join(tmp, f"train.tags.{lang}.clean.{l}") for l in (src, tgt)),
-                      ratio=1.5, min_len=1, max_len=175)
-    for l in (src, tgt):
-        lowercase_file(os.path.join(tmp, f"train.tags.{lang}.clean.{l}"), os.path.join(tmp, f"train.tags.{lang}.{l}"))
+    say("[prepare] train data: strip tags (both sides in lockstep), tokenise")
+    tags = [need(os.path.join(base, f"train.tags.{lang}.{l}"), "is this IWSLT14's de-en.tgz?") for l in (src, tgt)]
+    stripped = [os.path.join(tmp, f"train.tags.{lang}.strip.{l}") for l in (src, tgt)]
+    text.iwslt_train_pairs(*tags, *stripped)
+    tok = [os.path.join(tmp, f"train.tags.{lang}.tok.{l}") for l in (src, tgt)]
+    for l, f, out in zip((src, tgt), stripped, tok):
+        text.moses_tokenize(text.source_lines(f), out, l)
+    text.check_parallel(*tok, "tokenisation")
+    clean = [os.path.join(tmp, f"train.tags.{lang}.clean.{l}") for l in (src, tgt)]
+    text.clean_corpus(*tok, *clean, ratio=1.5, min_len=1, max_len=175)
+    text.check_parallel(*clean, "clean-corpus")
+    lower = [os.path.join(tmp, f"train.tags.{lang}.{l}") for l in (src, tgt)]
+    for f, out in zip(clean, lower):
+        lowercase_file(f, out)
+    text.check_parallel(*lower, "lowercasing")
 
     say("[prepare] valid/test data: <seg> lines, tokenise, lowercase")
-    for l in (src, tgt):
-        for xml in sorted(glob.glob(os.path.join(base, f"IWSLT14.TED*.{l}.xml"))):
-            stem = os.path.join(tmp, os.path.basename(xml)[: -len(".xml")])
-            lines = list(text.seg_lines(xml))
-            write_lines(lines, stem + ".raw")  # untokenised, for sacreBLEU's references
-            text.moses_tokenize(lines, stem, l, lowercase=True)
+    for name in IWSLT14_TEST:
+        xml = {l: need(os.path.join(base, f"{name}.{lang}.{l}.xml"), f"{name}.{lang}.{l}.xml is missing from de-en.tgz")
+               for l in (src, tgt)}
+        stem = {l: os.path.join(tmp, f"{name}.{lang}.{l}") for l in (src, tgt)}
+        for l in (src, tgt):
+            lines = list(text.seg_lines(xml[l]))
+            write_lines(lines, stem[l] + ".raw")  # untokenised, for sacreBLEU's references
+            text.moses_tokenize(lines, stem[l], l, lowercase=True)
+        text.check_parallel(stem[src] + ".raw", stem[tgt] + ".raw", f"<seg> lines of {name}")
+        text.check_parallel(stem[src], stem[tgt], f"tokenisation of {name}")
 
     say("[prepare] train/valid split (every 23rd line), test concatenation")
     for l in (src, tgt):
         text.every_nth_split(os.path.join(tmp, f"train.tags.{lang}.{l}"), os.path.join(tmp, f"train.{l}"),
                              os.path.join(tmp, f"valid.{l}"), 23)
-        parts = [need(os.path.join(tmp, f"{name}.{lang}.{l}"), f"{name}.{lang}.{l}.xml is missing from de-en.tgz")
-                 for name in IWSLT14_TEST]
+        parts = [os.path.join(tmp, f"{name}.{lang}.{l}") for name in IWSLT14_TEST]
         text.concat(parts, os.path.join(tmp, f"test.{l}"))
         text.concat([p + ".raw" for p in parts], os.path.join(prep, f"test.raw.{l}"))
+    for split in ("train", "valid", "test"):
+        text.check_parallel(*(os.path.join(tmp, f"{split}.{l}") for l in (src, tgt)), f"{split} split")
+    text.check_parallel(*(os.path.join(prep, f"test.raw.{l}") for l in (src, tgt)), "test references")
 
     codes = os.path.join(prep, "code")
     text.learn_bpe([os.path.join(tmp, f"train.{l}") for l in (src, tgt)], codes, bpe_tokens)
-    for l in (src, tgt):
-        for split in ("train", "valid", "test"):
-            text.apply_bpe(codes, os.path.join(tmp, f"{split}.{l}"), os.path.join(prep, f"{split}.{l}"))
+    _apply_bpe_pairs(codes, tmp, prep, src, tgt)
     return prep
+
+
+def _apply_bpe_pairs(codes, in_dir, out_dir, src, tgt, out_prefix=""):
+    """apply_bpe.py on both sides of train/valid/test, each split followed by the line-count check."""
+    for split in ("train", "valid", "test"):
+        outs = [os.path.join(out_dir, f"{out_prefix}{split}.{l}") for l in (src, tgt)]
+        for l, out in zip((src, tgt), outs):
+            text.apply_bpe(codes, os.path.join(in_dir, f"{split}.{l}"), out)
+        text.check_parallel(*outs, f"BPE of {split}")
 
 
 # --- WMT14 En-De ------------------------------------------------------------------------------
@@ -165,9 +184,7 @@ WMT16_SCALING_NMT = ("wmt16_en_de.tar.gz",
 
 def _chain_files(paths):
     for p in paths:
-        with open(p, encoding="utf-8") as f:
-            for line in f:
-                yield line.rstrip("\n")
+        yield from text.source_lines(p)
 
 
 def prepare_wmt14_icml17(data_dir, sources, bpe_tokens=40000):
@@ -186,27 +203,33 @@ def prepare_wmt14_icml17(data_dir, sources, bpe_tokens=40000):
     extract(sources.get(*WMT14_TEST), orig)
 
     say("[prepare] train data: normalise punctuation, tokenise -a")
+    for c in corpora:
+        text.check_parallel(*(need(f"{c}.{l}", "an archive of the WMT14 training data lacks it") for l in (src, tgt)),
+                            "training corpus", newline="\n")
+    tok = {l: os.path.join(tmp, f"train.tags.en-de.tok.{l}") for l in (src, tgt)}
     for l in (src, tgt):
-        files = [need(f"{c}.{l}", "an archive of the WMT14 training data lacks it") for c in corpora]
-        text.moses_tokenize(_chain_files(files), os.path.join(tmp, f"train.tags.en-de.tok.{l}"), l,
-                            aggressive=True, normalize=True)
+        text.moses_tokenize(_chain_files(f"{c}.{l}" for c in corpora), tok[l], l, aggressive=True, normalize=True)
+    text.check_parallel(tok[src], tok[tgt], "tokenisation")
     say("[prepare] newstest2014")
     for l, kind in ((src, "src"), (tgt, "ref")):
         sgm = need(os.path.join(orig, "test-full", f"newstest2014-deen-{kind}.{l}.sgm"), "is this WMT14's test-full.tgz?")
         lines = list(text.seg_lines(sgm))
         write_lines(lines, os.path.join(prep, f"test.raw.{l}"))
         text.moses_tokenize(lines, os.path.join(tmp, f"test.{l}"), l, aggressive=True)
+    text.check_parallel(*(os.path.join(prep, f"test.raw.{l}") for l in (src, tgt)), "<seg> lines of newstest2014")
+    text.check_parallel(*(os.path.join(tmp, f"test.{l}") for l in (src, tgt)), "tokenisation of newstest2014")
     for l in (src, tgt):
-        text.every_nth_split(os.path.join(tmp, f"train.tags.en-de.tok.{l}"), os.path.join(tmp, f"train.{l}"),
-                             os.path.join(tmp, f"valid.{l}"), 100)
+        text.every_nth_split(tok[l], os.path.join(tmp, f"train.{l}"), os.path.join(tmp, f"valid.{l}"), 100)
+    for split in ("train", "valid"):
+        text.check_parallel(*(os.path.join(tmp, f"{split}.{l}") for l in (src, tgt)), f"{split} split")
     codes = os.path.join(prep, "code")
     text.learn_bpe([os.path.join(tmp, f"train.{l}") for l in (src, tgt)], codes, bpe_tokens)
-    for l in (src, tgt):
-        for split in ("train", "valid", "test"):
-            text.apply_bpe(codes, os.path.join(tmp, f"{split}.{l}"), os.path.join(tmp, f"bpe.{split}.{l}"))
+    _apply_bpe_pairs(codes, tmp, tmp, src, tgt, out_prefix="bpe.")
     for split in ("train", "valid"):
-        text.clean_corpus(*(os.path.join(tmp, f"bpe.{split}.{l}") for l in (src, tgt)),
-                          *(os.path.join(prep, f"{split}.{l}") for l in (src, tgt)), ratio=1.5, min_len=1, max_len=250)
+        outs = [os.path.join(prep, f"{split}.{l}") for l in (src, tgt)]
+        text.clean_corpus(*(os.path.join(tmp, f"bpe.{split}.{l}") for l in (src, tgt)), *outs,
+                          ratio=1.5, min_len=1, max_len=250)
+        text.check_parallel(*outs, f"clean-corpus of {split}")
     for l in (src, tgt):
         shutil.copyfile(os.path.join(tmp, f"bpe.test.{l}"), os.path.join(prep, f"test.{l}"))
     return prep
@@ -228,6 +251,8 @@ def prepare_wmt16_scaling_nmt(data_dir, sources):
         for l in ("en", "de"):
             shutil.copyfile(need(os.path.join(base, f"{stem}.{l}"), "wmt16_en_de.tar.gz lacks it"),
                             os.path.join(prep, f"{split}.{l}"))
+    for split in ("train", "valid", "test"):
+        text.check_parallel(*(os.path.join(prep, f"{split}.{l}") for l in ("en", "de")), f"{split} data of wmt16_en_de.tar.gz")
     for l in ("en", "de"):  # untokenised newstest2014 for sacreBLEU, when the archive has it
         raw = os.path.join(base, f"newstest2014.{l}")
         if os.path.exists(raw):

@@ -22,8 +22,8 @@ import sys
 
 from gpam_fairseq.fairseq_tools import REPO_ROOT, USER_DIR, fairseq_cli, log_records, read_generate_output, say
 from gpam_fairseq.recipes import controls
-from gpam_fairseq.recipes.common import (RecipeError, env, env_args, env_int, is_done, mark_done, run_cli,
-                                         training_progress)
+from gpam_fairseq.recipes.common import (RecipeError, env, env_args, env_int, has_finished, is_done, mark_done,
+                                         run_cli, training_progress)
 from gpam_fairseq.recipes.definitions import RECIPES, prepare_for
 
 ENV_HELP = __doc__.split("\n\n", 1)[1]
@@ -118,9 +118,12 @@ def stage_preprocess(s, argv):
     if is_done(s.data_bin, "preprocess"):
         say(f"[preprocess] already done: {s.data_bin}")
         return
-    if not is_done(s.prepared, "prepare"):
+    if not has_finished(s.prepared, "prepare"):
         raise RecipeError(f"{s.prepared} is not prepared: run {s.recipe.name}/prepare.py first (same DATA_DIR/SETUP)")
     say(f"[preprocess] fairseq-preprocess -> {s.data_bin}")
+    from gpam_fairseq.recipes.text import check_preprocess_inputs
+
+    check_preprocess_inputs(s.recipe.preprocess(s.prepared, s.setup))  # both sides of each split line up
     run_cli("fairseq-preprocess",
             [fairseq_cli("fairseq-preprocess"), *s.recipe.preprocess(s.prepared, s.setup), "--destdir", s.data_bin,
              "--workers", str(max(1, env_int("WORKERS", os.cpu_count() or 1)))],
@@ -167,7 +170,7 @@ def stage_train(s, argv):
     if is_done(s.run_dir, "train"):
         say(f"[train] already done: {s.run_dir} (FORCE=1 trains again, resuming from checkpoint_last.pt)")
         return
-    if not is_done(s.data_bin, "preprocess"):
+    if not has_finished(s.data_bin, "preprocess"):
         raise RecipeError(f"{s.data_bin} is not binarised: run {s.recipe.name}/preprocess.py first")
     cmd, gpus, update_freq, control = train_command(s, with_info=True)
     say(f"[train] {s.run_name}: MODEL={s.model} (attention {s.attention_type}), size {s.size_name}, seed {s.seed}")
@@ -343,7 +346,7 @@ def stage_evaluate(s, argv):
     if is_done(s.run_dir, "evaluate"):
         say(f"[evaluate] already done: {os.path.join(s.run_dir, 'run.json')}")
         return
-    if not is_done(s.run_dir, "train"):
+    if not has_finished(s.run_dir, "train"):
         raise RecipeError(f"{s.run_name} is not trained: run {s.recipe.name}/train.py first (same MODEL/SEED/SIZE)")
     ckpt, ckpt_desc = _checkpoint(s)
     say(f"[evaluate] {s.run_name}: {ckpt_desc}")

@@ -3,6 +3,14 @@ normalisation (sacremoses), corpus cleaning (clean-corpus-n.perl), BPE (subword-
 
 Everything streams line by line through a process pool (`WORKERS`, default: all cores) and
 prints progress, so the WMT corpora (4.5M pairs) go through in reasonable time.
+
+Parallel corpora: a step that treats the two sides separately is followed by
+:func:`check_parallel`, which stops with one line naming both files and their line counts
+when they no longer match. Source files are read as the Perl scripts read them, split at
+``\n`` only (a stray carriage return inside a line stays in that line, as it would for
+``cat | perl``, and is removed by the tokeniser or turned into a space); every file written
+here is free of ``\r``, so fairseq-preprocess, which reads with Python's universal newlines,
+sees the same lines.
 """
 
 import multiprocessing as mp
@@ -10,7 +18,7 @@ import os
 import re
 import unicodedata
 
-from gpam_fairseq.recipes.common import Progress, env_int, say
+from gpam_fairseq.recipes.common import Progress, RecipeError, env_int, say
 
 _worker = {}
 
@@ -69,33 +77,101 @@ def moses_detokenize(lines, lang):
     return [detok.detokenize(line.split(), unescape=True) for line in lines]
 
 
+# --- reading source files, checking parallel files -----------------------------------------
+
+def source_lines(path):
+    """The lines of a source file as Perl's `cat` and `grep` see them: split at \\n only,
+    without the line end (a CRLF file's \\r too); any other \\r becomes a space."""
+    with open(path, encoding="utf-8", newline="\n") as f:
+        for line in f:
+            yield line.rstrip("\n").rstrip("\r").replace("\r", " ")
+
+
+def count_lines(path, newline=None):
+    """Lines of a file as Python and fairseq-preprocess read it (universal newlines), or split at
+    \\n only with newline="\\n" (as source_lines() reads it)."""
+    with open(path, encoding="utf-8", errors="replace", newline=newline) as f:
+        return sum(1 for _ in f)
+
+
+def check_parallel(src_path, tgt_path, step, newline=None):
+    """Stop (RecipeError, one line) unless the two sides of a parallel corpus have as many lines."""
+    n_src, n_tgt = count_lines(src_path, newline), count_lines(tgt_path, newline)
+    if n_src != n_tgt:
+        raise RecipeError(
+            f"{step}: {src_path} has {n_src:,} lines but {tgt_path} has {n_tgt:,}; the two sides of a "
+            f"parallel corpus must have one line per sentence pair: check the input files")
+    return n_src
+
+
+def check_preprocess_inputs(preprocess_args):
+    """Before fairseq-preprocess binarises each side on its own: the text files of every split
+    named by --trainpref/--validpref/--testpref line up (translation: --source-lang/--target-lang)."""
+    args = dict(zip(preprocess_args, preprocess_args[1:]))
+    if "--source-lang" not in args or "--target-lang" not in args:
+        return
+    for flag in ("--trainpref", "--validpref", "--testpref"):
+        if flag in args:
+            prefix = args[flag]
+            check_parallel(f"{prefix}.{args['--source-lang']}", f"{prefix}.{args['--target-lang']}",
+                           f"fairseq-preprocess {flag}")
+
+
 # --- XML / SGM / tag files ------------------------------------------------------------------
 
-IWSLT_TRAIN_DROP = ("<url>", "<talkid>", "<keywords>")
-IWSLT_TRAIN_STRIP = ("<title>", "</title>", "<description>", "</description>")
+# prepare-iwslt14.sh on train.tags.*: `grep -v` the <url>, <talkid> and <keywords> lines (each
+# talk's metadata), `sed` the <title>/<description> tags away (their text stays). Only whole
+# metadata lines are dropped: a sentence that merely mentions "<url>" is a sentence.
+IWSLT_TRAIN_DROP = ("url", "talkid", "keywords")
+IWSLT_TRAIN_STRIP = ("title", "description")
+_IWSLT_METADATA = re.compile(r"\s*<(%s)>.*</\1>\s*" % "|".join(IWSLT_TRAIN_DROP))
+_IWSLT_STRIP = re.compile(r"(\s*)<(%s)>(.*)</\2>(\s*)" % "|".join(IWSLT_TRAIN_STRIP))
 _SEG_OPEN = re.compile(r'<seg id="[0-9]*">\s*')
 _SEG_CLOSE = re.compile(r"\s*</seg>\s*")
 
 
-def iwslt_train_lines(path):
-    """prepare-iwslt14.sh on train.tags.*: drop url/talkid/keywords lines, strip title/description tags."""
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if any(tag in line for tag in IWSLT_TRAIN_DROP):
+def is_iwslt_metadata(line: str) -> bool:
+    """A <url>...</url>, <talkid>...</talkid> or <keywords>...</keywords> line."""
+    return _IWSLT_METADATA.fullmatch(line) is not None
+
+
+def strip_iwslt_tags(line: str) -> str:
+    """A <title>...</title> or <description>...</description> line loses its tags (and keeps
+    its text); every other line is returned unchanged."""
+    m = _IWSLT_STRIP.fullmatch(line)
+    return m.group(1) + m.group(3) + m.group(4) if m else line
+
+
+def iwslt_train_pairs(src_path, tgt_path, src_out, tgt_out):
+    """prepare-iwslt14.sh's tag handling of train.tags.*, on both sides in lockstep: a pair is
+    dropped when both of its lines are metadata lines, and the tag files must have the same
+    number of lines with their metadata lines in the same places. Returns the pairs kept."""
+    check_parallel(src_path, tgt_path, "train tag files", newline="\n")
+    kept = 0
+    with open(src_out, "w", encoding="utf-8") as out_s, open(tgt_out, "w", encoding="utf-8") as out_t:
+        for i, (s, t) in enumerate(zip(source_lines(src_path), source_lines(tgt_path)), start=1):
+            meta_s, meta_t = is_iwslt_metadata(s), is_iwslt_metadata(t)
+            if meta_s != meta_t:
+                raise RecipeError(
+                    f"train tag files: line {i:,} is a metadata line (<url>, <talkid>, <keywords>) in "
+                    f"{src_path if meta_s else tgt_path} but a sentence in {tgt_path if meta_s else src_path}; "
+                    f"the two files are not aligned: check them")
+            if meta_s:
                 continue
-            for tag in IWSLT_TRAIN_STRIP:
-                line = line.replace(tag, "")
-            yield line.rstrip("\n")
+            out_s.write(strip_iwslt_tags(s) + "\n")
+            out_t.write(strip_iwslt_tags(t) + "\n")
+            kept += 1
+    say(f"  tags: kept {kept:,} training pairs")
+    return kept
 
 
 def seg_lines(path):
     """`grep '<seg id' | sed` of the prepare scripts: the text of each <seg id="N"> line (xml or sgm)."""
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if "<seg id" not in line:
-                continue
-            line = _SEG_CLOSE.sub("", _SEG_OPEN.sub("", line.rstrip("\n")))
-            yield line.replace("\u2019", "'")
+    for line in source_lines(path):
+        if "<seg id" not in line:
+            continue
+        line = _SEG_CLOSE.sub("", _SEG_OPEN.sub("", line))
+        yield line.replace("\u2019", "'")
 
 
 # --- clean-corpus-n.perl ----------------------------------------------------------------------
@@ -107,6 +183,7 @@ def _squeeze(line: str) -> str:
 def clean_corpus(src_in, tgt_in, src_out, tgt_out, ratio=1.5, min_len=1, max_len=175):
     """clean-corpus-n.perl -ratio R: keep pairs whose lengths (in words) lie in [min, max] and
     whose length ratio is at most R both ways; whitespace squeezed like the Perl script."""
+    check_parallel(src_in, tgt_in, "clean-corpus input")
     kept = total = 0
     with open(src_in, encoding="utf-8") as fs, open(tgt_in, encoding="utf-8") as ft, \
             open(src_out, "w", encoding="utf-8") as os_, open(tgt_out, "w", encoding="utf-8") as ot:
@@ -188,8 +265,3 @@ def concat(paths, out_path):
             with open(p, encoding="utf-8") as f:
                 for line in f:
                     out.write(line)
-
-
-def count_lines(path):
-    with open(path, "rb") as f:
-        return sum(1 for _ in f)

@@ -13,18 +13,22 @@ checkpoints (the first --analysis-batch sentences of the valid split). It writes
     ckpt/<type>/, logs/<type>.{train,eval}.log
 
 Data: --data-bin from the PTB recipe (examples/ptb/, fairseq-preprocess --only-source), or
---synthetic, which writes a small synthetic word-level corpus (a random second-order Markov
-chain over pseudo-words; NOT Penn Treebank) for CPU smoke runs. --small shrinks the model
-and budget to a CPU-sized run (minutes); the defaults are the full-size run.
+--synthetic, which writes a small synthetic word-level corpus (a random first-order Markov
+chain over pseudo-words: each word depends on the previous one only; NOT Penn Treebank) for
+CPU runs, and reports the perplexity of the chain itself on the test words. --small shrinks the
+model and budget to a CPU-sized run (minutes); --quick to a smoke test of the whole pipeline
+(2 layers, a few updates, a smaller corpus; seconds per type); the defaults are the full-size run.
 
     python examples/ptb/controlled/run_controlled.py --data-bin data/ptb/data-bin --out-dir results/ptb_controlled
     python examples/ptb/controlled/run_controlled.py --synthetic --small --out-dir results/ptb_controlled_small
+    python examples/ptb/controlled/run_controlled.py --synthetic --quick --out-dir /tmp/ptb_controlled_quick
 """
 
 import argparse
 import csv
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -47,7 +51,11 @@ SIZES = {
                  max_update=15000, warmup=4000, lr=5e-4, dropout=0.3),
     "small": dict(layers=15, embed_dim=32, ffn_dim=64, heads=4, tokens_per_sample=32, max_tokens=512,
                   max_update=150, warmup=10, lr=2e-3, dropout=0.1),
+    # a smoke test of the pipeline (tests/test_controlled.py), not an experiment
+    "quick": dict(layers=2, embed_dim=16, ffn_dim=32, heads=2, tokens_per_sample=16, max_tokens=256,
+                  max_update=4, warmup=2, lr=2e-3, dropout=0.1),
 }
+SYNTHETIC_SENTENCES = {"full": (4000, 300, 300), "small": (4000, 300, 300), "quick": (400, 40, 40)}
 
 
 def run(cmd, log_path):
@@ -67,8 +75,9 @@ def run(cmd, log_path):
 def write_synthetic_corpus(out_dir, seed=1, vocab=150, sentences=(4000, 300, 300)):
     """A word-level corpus from a random first-order Markov chain over pseudo-words: each word
     allows only 4 next words (weights 8:4:2:1, drawn Zipf-wise), so that context lowers
-    perplexity (about 3.1 for a model that knows the chain, far more for unigram statistics).
-    Synthetic, for smoke runs: not Penn Treebank."""
+    perplexity (a model that knows the chain: about 3.1, far more for unigram statistics).
+    Synthetic, for smoke runs: not Penn Treebank. Returns the chain's own perplexity on the
+    test split's words, exp(mean -log p(word | previous word)) (end of sentence excluded)."""
     rng = random.Random(seed)
     syll = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
     words = sorted({rng.choice(syll) + rng.choice(syll) + rng.choice(["", "n", "s"]) for _ in range(vocab * 4)})[:vocab]
@@ -76,20 +85,28 @@ def write_synthetic_corpus(out_dir, seed=1, vocab=150, sentences=(4000, 300, 300
     zipf = [1.0 / (r + 1) for r in range(vocab)]
     nexts = {}
 
+    weights = [8, 4, 2, 1]
+
     def next_word(prev):
         if prev not in nexts:
             nexts[prev] = rng.choices(range(vocab), weights=zipf, k=4)
-        return rng.choices(nexts[prev], weights=[8, 4, 2, 1])[0]
+        word = rng.choices(nexts[prev], weights=weights)[0]
+        # the chain's probability of this word (a successor may be drawn twice among the 4)
+        return word, sum(w for n, w in zip(nexts[prev], weights) if n == word) / sum(weights)
 
     os.makedirs(out_dir, exist_ok=True)
+    neg_log_p = []
     for split, n in zip(("train", "valid", "test"), sentences):
         with open(os.path.join(out_dir, f"{split}.txt"), "w") as f:
             for _ in range(n):
                 prev, sent = -1, []
                 for _ in range(rng.randint(6, 20)):
-                    prev = next_word(prev)
+                    prev, p = next_word(prev)
                     sent.append(words[prev])
+                    if split == "test":
+                        neg_log_p.append(-math.log(p))
                 f.write(" ".join(sent) + "\n")
+    return math.exp(sum(neg_log_p) / len(neg_log_p))
 
 
 # ----------------------------------------------------------------------------- the experiment
@@ -125,7 +142,10 @@ def main(argv=None):
     data = p.add_mutually_exclusive_group(required=True)
     data.add_argument("--data-bin", help="binarised PTB (examples/ptb/ recipe output, fairseq-preprocess --only-source)")
     data.add_argument("--synthetic", action="store_true", help="generate a small synthetic word-level corpus (not PTB)")
-    p.add_argument("--small", action="store_true", help="CPU-sized model and budget (minutes) instead of the full size")
+    size_group = p.add_mutually_exclusive_group()
+    size_group.add_argument("--small", action="store_true", help="CPU-sized model and budget (minutes) instead of the full size")
+    size_group.add_argument("--quick", action="store_true",
+                            help="a smoke test of the whole pipeline: 2 small layers, 4 updates, a smaller --synthetic corpus")
     p.add_argument("--attention-types", default=ALL_TYPES, help=f"comma list (default {ALL_TYPES})")
     p.add_argument("--seed", type=int, default=1, help="the one seed every run uses (default 1)")
     p.add_argument("--max-update", type=int, help="override the update budget of the chosen size")
@@ -142,7 +162,8 @@ def main(argv=None):
 
     from gpam_fairseq import collapse_analysis
 
-    size = dict(SIZES["small" if args.small else "full"])
+    size_name = "quick" if args.quick else "small" if args.small else "full"
+    size = dict(SIZES[size_name])
     if args.max_update:
         size["max_update"] = args.max_update
     if args.layers:
@@ -157,13 +178,15 @@ def main(argv=None):
         raw = os.path.join(out, "synthetic_raw")
         data_bin = os.path.join(out, "synthetic_bin")
         print(f"| writing the synthetic corpus to {raw}", flush=True)
-        write_synthetic_corpus(raw, seed=args.seed)
+        chain_ppl = write_synthetic_corpus(raw, seed=args.seed, sentences=SYNTHETIC_SENTENCES[size_name])
+        print(f"| the chain's own perplexity on the test words: {chain_ppl:.3f}", flush=True)
         if not os.path.exists(os.path.join(data_bin, "dict.txt")):
             run([fairseq_cli("fairseq-preprocess"), "--only-source", "--trainpref", f"{raw}/train.txt",
                  "--validpref", f"{raw}/valid.txt", "--testpref", f"{raw}/test.txt", "--destdir", data_bin,
                  "--workers", "1"], os.path.join(out, "logs", "preprocess.log"))
-        corpus_note = ("data: SYNTHETIC word-level corpus (first-order Markov chain over 150 pseudo-words, "
-                       "4,000 training sentences; not PTB)")
+        corpus_note = (f"data: SYNTHETIC word-level corpus (first-order Markov chain over 150 pseudo-words, "
+                       f"{SYNTHETIC_SENTENCES[size_name][0]:,} training sentences; not PTB; the chain's own perplexity "
+                       f"on the test words, end of sentence excluded: {chain_ppl:.2f})")
     elif not os.path.exists(os.path.join(data_bin, "dict.txt")):
         sys.exit(f"--data-bin: {data_bin} has no dict.txt; run the PTB recipe in examples/ptb/ first")
 
@@ -178,8 +201,7 @@ def main(argv=None):
         if args.reuse and all(os.path.exists(f) for f in (ckpt, train_log, eval_log_path)):
             print("|     reusing the checkpoint and logs already there (--reuse)", flush=True)
             log, eval_log = (open(f).read() for f in (train_log, eval_log_path))
-            walls = re.findall(r'"train_wall": "([\d.]+)"', log)
-            train_s = float(walls[-1]) if walls else float("nan")
+            train_s = float("nan")
         else:
             log, train_s = run([fairseq_cli("fairseq-train"), data_bin, "--user-dir", USER_DIR, *flags,
                                 "--attention-type", t, "--save-dir", save_dir], train_log)
@@ -188,6 +210,8 @@ def main(argv=None):
                                "--gen-subset", "test", "--tokens-per-sample", str(size["tokens_per_sample"]),
                                "--context-window", str(size["tokens_per_sample"] // 2), "--batch-size", "8"],
                               eval_log_path)
+        walls = re.findall(r'"train_wall": "([\d.]+)"', log)  # fairseq's training time, fresh or reused
+        train_s = float(walls[-1]) if walls else train_s
         loss2, ppl = parse_ppl(eval_log)
         valid = [json.loads(l.split("|")[-1].strip()) for l in log.splitlines() if "| valid |" in l and "{" in l]
         results.append(dict(attention_type=t, parameters=parse_params(log), test_ppl=ppl, test_loss_base2=loss2,
@@ -202,7 +226,7 @@ def main(argv=None):
     rows = collapse_analysis.run(a_args)
     collapse_analysis.write_csv(rows, os.path.join(out, "collapse.csv"))
     collapse_analysis.plot(rows, os.path.join(out, "collapse.png"),
-                          title=f"trained {size['layers']}-layer LMs ({'small' if args.small else 'full'} size), valid batch")
+                          title=f"trained {size['layers']}-layer LMs ({size_name} size), valid batch")
     last = {r["attention_type"]: r for r in rows if int(r["layer"]) == size["layers"]}
     for r in results:
         lr = last.get(r["attention_type"], {})
@@ -217,7 +241,7 @@ def main(argv=None):
         w.writerows(results)
     fmt = lambda x, spec: "n/a" if x is None else format(x, spec)  # noqa: E731
     lines = [
-        f"Size: {'small (CPU)' if args.small else 'full'}: {size['layers']} layers, d={size['embed_dim']}, "
+        f"Size: {'small (CPU)' if args.small else size_name}: {size['layers']} layers, d={size['embed_dim']}, "
         f"FFN {size['ffn_dim']}, {size['heads']} heads, context {size['tokens_per_sample']}, "
         f"{size['max_update']} updates of <= {size['max_tokens']} tokens, seed {args.seed}. {corpus_note}.",
         "",
