@@ -34,8 +34,12 @@ install: $(VENV)/.installed
 demo: install
 	$(PY) examples/quickstart/demo.py
 
+# One pytest worker per CPU core (pytest-xdist), each test file on one worker (its module
+# fixtures built once), one torch thread per worker so that the workers do not oversubscribe
+# the cores; TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= auto
 test: install
-	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS) tests
 
 # long soak runs, kept out of `make test`
 test-slow: install

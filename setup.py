@@ -31,7 +31,8 @@ setup(
         # message are tested (pure Python; fairseq imports it only where it is installed).
         # submitit: scripts/sweep.py --slurm (a SLURM job array), tested through its local
         # executor; only the sweeps and the tests need it (pure Python).
-        "test": ["pytest>=7", "fairscale>=0.4.0", "submitit>=1.5"],
+        # pytest-xdist: make test runs one worker per core
+        "test": ["pytest>=7", "pytest-xdist>=3", "fairscale>=0.4.0", "submitit>=1.5"],
         "slurm": ["submitit>=1.5"],
     },
     classifiers=[
