@@ -330,3 +330,19 @@ def from_pretrained_checked(cls, load: Callable[[], Any], model_name_or_path: st
         if not isinstance(model, cls):
             raise CheckpointError(wrong_class(path, model_name(type(model)), type(model), cls))
     return hub
+
+
+class CheckedHubLoading:
+    """Mixin of our models: fairseq's ``from_pretrained``, where a missing or unreadable file,
+    or a checkpoint of another model, stops with :class:`CheckpointError` naming the file
+    (:func:`from_pretrained_checked`). Put it before the fairseq model class."""
+
+    @classmethod
+    def from_pretrained(cls, model_name_or_path, checkpoint_file="model.pt", data_name_or_path=".", **kwargs):
+        parent = super()
+        return from_pretrained_checked(
+            cls,
+            lambda: parent.from_pretrained(model_name_or_path, checkpoint_file, data_name_or_path, **kwargs),
+            model_name_or_path,
+            checkpoint_file,
+        )

@@ -16,7 +16,7 @@ from fairseq.models.transformer import transformer_legacy as stock
 from omegaconf import OmegaConf
 
 from gpam_fairseq.attention import stats as gpam_stats
-from gpam_fairseq.checkpoints import from_pretrained_checked
+from gpam_fairseq.checkpoints import CheckedHubLoading
 from gpam_fairseq.compat import refuse_fully_sharded_without_cuda
 from gpam_fairseq.finetune import add_missing_mechanism_parameters
 from gpam_fairseq.modules.transformer import GPAMTransformerDecoder, GPAMTransformerEncoder
@@ -30,7 +30,7 @@ from gpam_fairseq.options import (
 
 
 @register_model("transformer_gpam")
-class TransformerGPAMModel(TransformerModel):
+class TransformerGPAMModel(CheckedHubLoading, TransformerModel):
     """Transformer (Vaswani et al., 2017) with generalized probabilistic attention
     (daGPAM; Heo & Choi, 2024) in the blocks named by ``--gpam-blocks``."""
 
@@ -59,18 +59,6 @@ class TransformerGPAMModel(TransformerModel):
         model = super().build_model(args, task)
         gpam_stats.attach(model, args)  # daGPAM scalars in the logs and tensorboard
         return model
-
-    @classmethod
-    def from_pretrained(cls, model_name_or_path, checkpoint_file="model.pt", data_name_or_path=".", **kwargs):
-        """fairseq's hub loading; a missing or unreadable file, or a checkpoint of another
-        model, stops with CheckpointError naming the file (see gpam_fairseq/checkpoints.py)."""
-        parent = super()
-        return from_pretrained_checked(
-            cls,
-            lambda: parent.from_pretrained(model_name_or_path, checkpoint_file, data_name_or_path, **kwargs),
-            model_name_or_path,
-            checkpoint_file,
-        )
 
     def set_num_updates(self, num_updates):
         super().set_num_updates(num_updates)
