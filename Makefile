@@ -36,10 +36,10 @@ demo: install
 
 # One pytest worker per CPU core (pytest-xdist), each test file on one worker (its module
 # fixtures built once), one torch thread per worker so that the workers do not oversubscribe
-# the cores; TEST_WORKERS=0 runs in one process.
+# the cores; TEST_WORKERS=0 runs in one process. -rs prints why each skipped test skipped.
 TEST_WORKERS ?= auto
 test: install
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS) tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -rs -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS) tests
 
 # long soak runs, kept out of `make test`
 test-slow: install
