@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from gpam_fairseq.attention.functional import restored_rng, rng_state
+from gpam_fairseq.attention.functional import inverse_permutation, physical_order, restored_rng, rng_state
 
 aten = torch.ops.aten
 
@@ -192,7 +192,7 @@ class _FusedAttention(torch.autograd.Function):
             wanted = [t for t in inputs if t.requires_grad]
             grads = iter(torch.autograd.grad(out, wanted, grad_out))
             # the CUDA kernels write each gradient laid out like its input
-            dq, dk, dv = (_laid_out_like(next(grads), t) if n else None for t, n in zip((q, k, v), needs))
+            dq, dk, dv = (_laid_out(next(grads), physical_order(t)) if n else None for t, n in zip((q, k, v), needs))
         return None, dq, dk, dv, None, None, None, None, None
 
 
@@ -201,19 +201,13 @@ def _gpu_output_layout(out: torch.Tensor, q: torch.Tensor, masked: bool) -> torc
     dropout), so that what follows copies exactly what it would copy on a GPU: the
     memory-efficient kernel (taken with a mask tensor) writes (B, Tq, H, d); FlashAttention
     (no mask) writes its output like its query."""
-    if masked:
-        order = [0, 2, 1, 3]
-    else:
-        order = sorted(range(q.dim()), key=lambda i: (-q.stride(i), i))
-    shaped = torch.empty([out.size(i) for i in order], dtype=out.dtype, device=out.device)
-    inverse = [order.index(i) for i in range(out.dim())]
-    return shaped.permute(inverse).copy_(out)
+    return _laid_out(out, [0, 2, 1, 3] if masked else physical_order(q))
 
 
-def _laid_out_like(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    order = sorted(range(like.dim()), key=lambda i: (-like.stride(i), i))
+def _laid_out(x: torch.Tensor, order) -> torch.Tensor:
+    """A copy of ``x`` whose dimensions lie in memory in ``order``, outermost first."""
     shaped = torch.empty([x.size(i) for i in order], dtype=x.dtype, device=x.device)
-    return shaped.permute([order.index(i) for i in range(x.dim())]).copy_(x)
+    return shaped.permute(inverse_permutation(order)).copy_(x)
 
 
 @contextmanager

@@ -518,7 +518,40 @@ def _reduce_to(x: Tensor, shape) -> Optional[Tensor]:
     return x.sum(dims, keepdim=True).view(shape)
 
 
-_COEFFICIENTS: "OrderedDict[tuple, tuple]" = OrderedDict()
+def tensor_identity(t: Optional[Tensor]) -> Optional[tuple]:
+    """What makes two tensors interchangeable as cache keys: the same memory, geometry, dtype
+    and version (an in-place change makes another key); None for None."""
+    if t is None:
+        return None
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t._version)
+
+
+class KeptAliveCache:
+    """A small LRU of values built on demand, keyed by :func:`tensor_identity` among others.
+
+    Each entry keeps the tensors its key was made from alive, so that their addresses cannot
+    be reused by other tensors while the entry exists."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.entries: "OrderedDict[tuple, tuple]" = OrderedDict()
+
+    def get(self, key: tuple, build, keep_alive: tuple = ()):
+        entry = self.entries.get(key)
+        if entry is not None:
+            self.entries.move_to_end(key)
+            return entry[0]
+        value = build()
+        self.entries[key] = (value, keep_alive)
+        while len(self.entries) > self.size:
+            self.entries.popitem(last=False)
+        return value
+
+    def clear(self) -> None:
+        self.entries.clear()
+
+
+_COEFFICIENTS = KeptAliveCache(16)
 
 
 def _pair_coefficients(
@@ -527,25 +560,17 @@ def _pair_coefficients(
     """(alpha, beta) as a (1, 1, 2, 1, 1) tensor, zero on ``rows_to_zero`` ((B, 1, 2, Tq, 1)
     then). Made once per value, dtype, device and row mask: the layers of a stack share one
     row mask (their Mask), so this costs a kernel per forward pass, not per layer."""
-    key = (alpha, beta, dtype, device, None if rows_to_zero is None else _tensor_identity(rows_to_zero))
-    entry = _COEFFICIENTS.get(key)
-    if entry is None:
+
+    def build() -> Tensor:
         if rows_to_zero is None:
             # fills on the device: no copy from the host, no synchronisation
             coefficients = torch.full((1, 1, 2, 1, 1), beta, dtype=dtype, device=device)
             coefficients[:, :, :1].fill_(alpha)
-        else:
-            plain = _pair_coefficients(alpha, beta, dtype, device, None)
-            coefficients = plain.masked_fill(rows_to_zero.unsqueeze(2), 0.0)
-        entry = _COEFFICIENTS[key] = (coefficients, rows_to_zero)  # keeps rows_to_zero's address taken
-        while len(_COEFFICIENTS) > 16:
-            _COEFFICIENTS.popitem(last=False)
-    _COEFFICIENTS.move_to_end(key)
-    return entry[0]
+            return coefficients
+        return _pair_coefficients(alpha, beta, dtype, device, None).masked_fill(rows_to_zero.unsqueeze(2), 0.0)
 
-
-def _tensor_identity(t: Tensor) -> tuple:
-    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t._version)
+    key = (alpha, beta, dtype, device, tensor_identity(rows_to_zero))
+    return _COEFFICIENTS.get(key, build, keep_alive=(rows_to_zero,))
 
 
 def signed_combination(

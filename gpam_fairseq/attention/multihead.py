@@ -19,7 +19,7 @@ import torch
 from fairseq.modules import MultiheadAttention
 from torch import Tensor, nn
 
-from gpam_fairseq.attention.functional import Mask, recomputed_instead_of_saved
+from gpam_fairseq.attention.functional import KeptAliveCache, Mask, recomputed_instead_of_saved, tensor_identity
 
 # An observer sees every call's per-head queries and keys and its mask (attention/stats.py).
 Observer = Callable[[nn.Module, Tensor, Tensor, Mask], None]
@@ -61,43 +61,15 @@ def is_causal_mask(attn_mask: Optional[Tensor], tgt_len: int, src_len: int) -> b
     return known is not None and known.dtype == attn_mask.dtype and attn_mask.stride() == (known.stride(0), 1)
 
 
-def _identity(t: Optional[Tensor]):
-    """What makes two mask tensors interchangeable: the same memory, geometry and version."""
-    if t is None:
-        return None
-    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t._version)
-
-
-class MaskCache:
-    """The Masks of the last few sets of fairseq mask tensors (a small LRU).
-
-    Entries keep their mask tensors alive, so that an address in a key cannot be reused by
-    another tensor while the entry exists; a tensor modified in place gets a new version
-    and misses."""
-
-    def __init__(self, size: int = 8):
-        self.size = size
-        self.entries: "OrderedDict[tuple, tuple]" = OrderedDict()
-
-    def get(self, key: tuple, build: Callable[[], Mask], keep_alive: tuple) -> Mask:
-        entry = self.entries.get(key)
-        if entry is not None:
-            self.entries.move_to_end(key)
-            return entry[0]
-        mask = build()
-        self.entries[key] = (mask, keep_alive)
-        while len(self.entries) > self.size:
-            self.entries.popitem(last=False)
-        return mask
-
-
-_MASKS = MaskCache()
+# The Masks of the last few sets of fairseq mask tensors; a tensor modified in place gets a
+# new version and misses.
+_MASKS = KeptAliveCache(8)
 
 
 def clear_mask_cache() -> None:
     """Forget every shared Mask (scripts/benchmark.py counts each module as the first layer
     of a stack, which builds its masks)."""
-    _MASKS.entries.clear()
+    _MASKS.clear()
 
 
 # ----------------------------------------------------------------------------- projections
@@ -347,10 +319,10 @@ class GPAMMultiheadAttention(MultiheadAttention):
             return Mask()
         if causal and key_padding_mask is None:
             return Mask(causal=True)
-        key = (_identity(attn_mask), _identity(key_padding_mask), kv_bsz, q.dtype, q.device)
+        key = (tensor_identity(attn_mask), tensor_identity(key_padding_mask), kv_bsz, q.dtype, q.device)
 
         def build() -> Mask:
-            attn_bias = None if attn_mask is None or causal else self._attention_bias(attn_mask, None, kv_bsz, q.dtype, q.device)
+            attn_bias = None if attn_mask is None or causal else self._attention_bias(attn_mask, q.dtype, q.device)
             if causal:  # with padding: the causal mask as a tensor, fairseq's own
                 attn_bias = attn_mask.to(q.dtype).view(1, 1, tgt_len, src_len)
             pad = None if key_padding_mask is None else key_padding_mask.to(torch.bool).view(kv_bsz, -1)
@@ -359,31 +331,13 @@ class GPAMMultiheadAttention(MultiheadAttention):
         return _MASKS.get(key, build, (attn_mask, key_padding_mask))
 
     @staticmethod
-    def _attention_bias(
-        attn_mask: Optional[Tensor],
-        key_padding_mask: Optional[Tensor],
-        kv_bsz: int,
-        dtype: torch.dtype,
-        device: torch.device,
-    ) -> Optional[Tensor]:
-        """fairseq's masks as one additive bias broadcastable to (B, H, Tq, Tk).
-
-        ``attn_mask`` is (Tq, Tk), float additive (fairseq's future mask uses -inf, the
-        encoder's -1e8/-1e4) or boolean (True = masked); ``key_padding_mask`` is (B, Tk),
-        True/1 = pad (it turns into a float 0/1 tensor in the incremental cache).
-        """
-        bias = None
-        if attn_mask is not None:
-            if attn_mask.dtype == torch.bool:
-                attn_mask = torch.zeros(attn_mask.shape, dtype=dtype, device=device).masked_fill(
-                    attn_mask, float("-inf")
-                )
-            bias = attn_mask.to(dtype).view(1, 1, attn_mask.size(-2), attn_mask.size(-1))
-        if key_padding_mask is not None:
-            pad = key_padding_mask.to(torch.bool).view(kv_bsz, 1, 1, -1)
-            pad_bias = torch.zeros(pad.shape, dtype=dtype, device=device).masked_fill(pad, float("-inf"))
-            bias = pad_bias if bias is None else bias + pad_bias
-        return bias
+    def _attention_bias(attn_mask: Tensor, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """fairseq's ``attn_mask`` as an additive bias broadcastable to (B, H, Tq, Tk): (Tq, Tk),
+        float additive (fairseq's future mask uses -inf, the encoder's -1e8/-1e4) or boolean
+        (True = masked). The key padding mask joins it in the :class:`Mask`."""
+        if attn_mask.dtype == torch.bool:
+            attn_mask = torch.zeros(attn_mask.shape, dtype=dtype, device=device).masked_fill(attn_mask, float("-inf"))
+        return attn_mask.to(dtype).view(1, 1, attn_mask.size(-2), attn_mask.size(-1))
 
     def _fold_beam(self, q: Tensor, mask: Mask, kv_bsz: int, tgt_len: int) -> Tuple[Tensor, Mask, int]:
         """Beamable cross attention: the beam's queries share one copy of K and V, so they
