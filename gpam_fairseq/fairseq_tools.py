@@ -129,6 +129,12 @@ def make_dictionary(size: int):
     return d
 
 
+def translation_dictionaries(src_size: int, tgt_size: int, joined: bool = False):
+    """(source, target) dictionaries of the given sizes; one shared dictionary when ``joined``."""
+    src = make_dictionary(src_size)
+    return src, (src if joined else make_dictionary(tgt_size))
+
+
 def parse_training_args(cli_args: Sequence[str], data: str = "/nonexistent-data"):
     """fairseq-train's own parsing of ``data`` + ``cli_args``: argparse, the architecture's
     defaults, then omegaconf. Returns (args, cfg); nothing reads ``data``."""
@@ -163,9 +169,7 @@ def build_translation_model(arch: str, extra: Sequence[str] = (), src_size: int 
     """The translation model fairseq-train builds for ``--arch arch *extra`` (de->en), with
     dictionaries of the given sizes (one shared dictionary when ``joined``)."""
     args, cfg = parse_training_args(["--task", "translation", "-s", "de", "-t", "en", "--arch", arch, *extra])
-    src = make_dictionary(src_size)
-    tgt = src if joined else make_dictionary(tgt_size)
-    return task_without_data(cfg, src, tgt).build_model(cfg.model)
+    return task_without_data(cfg, *translation_dictionaries(src_size, tgt_size, joined)).build_model(cfg.model)
 
 
 def build_language_model(arch: str, extra: Sequence[str] = (), vocab: int = 1000):

@@ -34,6 +34,16 @@ def env_args(name: str):
     return shlex.split(env(name, ""))
 
 
+def last_flag(cmd, *names):
+    """The value of the last occurrence of a flag in a command line (argparse: the last one
+    wins), or None."""
+    value = None
+    for i, word in enumerate(cmd[:-1]):
+        if word in names:
+            value = cmd[i + 1]
+    return value
+
+
 def done_marker(folder: str, stage: str) -> str:
     return os.path.join(folder, f".{stage}.done")
 

@@ -28,6 +28,8 @@ import functools
 import os
 from typing import Dict, List, Sequence, Tuple
 
+from gpam_fairseq.fairseq_tools import IWSLT_DE, IWSLT_EN, WIKI103, WMT_JOINED
+
 CONTROLS = ("baseline_params", "baseline_maps")
 BASELINES = ("baseline", *CONTROLS)
 
@@ -35,10 +37,10 @@ BASELINES = ("baseline", *CONTROLS)
 # dictionary to a multiple of 8). The extra and matched parameters do not depend on them.
 DICTIONARIES = {
     # (source, target, joined): IWSLT14 de-en 10k joint BPE, separate dictionaries
-    "iwslt14": (8848, 6632, False),
+    "iwslt14": (IWSLT_DE, IWSLT_EN, False),
     # a 32,768-symbol joined dictionary (SETUP=scaling_nmt's --nwordssrc/--nwordstgt 32768)
-    "wmt14_en_de": (32768, 32768, True),
-    "wikitext103": 267744,  # word level, fairseq's WikiText-103 dictionary
+    "wmt14_en_de": (WMT_JOINED, WMT_JOINED, True),
+    "wikitext103": WIKI103,  # word level, fairseq's WikiText-103 dictionary
     "enwik8": 208,  # 204 byte values + 4 special symbols
     "ptb": 10008,  # Mikolov's 10k words (<unk> is fairseq's own) + 3 specials, padded to 8
 }
@@ -233,16 +235,11 @@ def build_from_command(cmd: Sequence[str], recipe_name: str, device: str = "meta
     default (every module and parameter, no memory)."""
     import torch
 
-    from gpam_fairseq.fairseq_tools import make_dictionary, parse_training_args, task_without_data
+    from gpam_fairseq.fairseq_tools import make_dictionary, parse_training_args, task_without_data, translation_dictionaries
 
     _, cfg = parse_training_args(list(cmd[2:]))
     sizes = DICTIONARIES[recipe_name]
-    if isinstance(sizes, tuple):
-        src_size, tgt_size, joined = sizes
-        src = make_dictionary(src_size)
-        tgt = src if joined else make_dictionary(tgt_size)
-    else:
-        src = tgt = make_dictionary(sizes)
+    src, tgt = translation_dictionaries(*sizes) if isinstance(sizes, tuple) else (make_dictionary(sizes),) * 2
     with torch.device(device):
         return task_without_data(cfg, src, tgt).build_model(cfg.model)
 

@@ -17,12 +17,12 @@ import glob
 import json
 import os
 import re
-import statistics
 import sys
 
-from gpam_fairseq.fairseq_tools import REPO_ROOT, USER_DIR, fairseq_cli, log_records, read_generate_output, say
+from gpam_fairseq.fairseq_tools import (REPO_ROOT, USER_DIR, fairseq_cli, log_records, parse_training_log,
+                                         read_generate_output, say)
 from gpam_fairseq.recipes import controls
-from gpam_fairseq.recipes.common import (RecipeError, env, env_args, env_int, has_finished, is_done, mark_done,
+from gpam_fairseq.recipes.common import (RecipeError, env, env_args, env_int, has_finished, is_done, last_flag, mark_done,
                                          run_cli, training_progress)
 from gpam_fairseq.recipes.definitions import RECIPES, prepare_for
 
@@ -188,21 +188,18 @@ def stage_train(s, argv):
 
 
 def training_figures(run_dir):
-    """Parameters (fairseq's count) and median training words/s from the train logs."""
+    """Parameters (fairseq's count), median training words/s and the last update from the
+    train logs (several when the run was resumed)."""
     texts = []
     for path in sorted(glob.glob(os.path.join(run_dir, "train*.log"))):
         with open(path, encoding="utf-8") as f:
             texts.append(f.read())
     text = "\n".join(texts)
-    params = re.findall(r"num\. (?:shared )?model params: ([\d,]+)", text)
+    figures = parse_training_log(text)
     lines = text.splitlines()
-    wps = [float(r["wps"]) for r in log_records(lines, "train_inner")] or [
-        float(r["train_wps"]) for r in log_records(lines, "train")]
     updates = [int(r["num_updates"]) for r in log_records(lines, "train_inner")] + [
         int(r["train_num_updates"]) for r in log_records(lines, "train")]
-    return {"params": int(params[-1].replace(",", "")) if params else None,
-            "train_wps": statistics.median(wps) if wps else None,
-            "num_updates": max(updates) if updates else None}
+    return {"params": figures["params"], "train_wps": figures["wps"], "num_updates": max(updates) if updates else None}
 
 
 def _checkpoint(s):
@@ -236,15 +233,6 @@ def measured(script):
     return [sys.executable, "-m", "gpam_fairseq.peak_memory", script]
 
 
-def _last_flag(cmd, *names):
-    """The value of the last occurrence of a flag (argparse: the last one wins), or None."""
-    value = None
-    for i, word in enumerate(cmd[:-1]):
-        if word in names:
-            value = cmd[i + 1]
-    return value
-
-
 def _number(text):
     return float(text.replace(",", ""))
 
@@ -254,11 +242,11 @@ def inference_figures(tool, cmd, log, log_path):
     device, and the peak memory (CUDA allocator's peak on a GPU; the process's peak RSS always)."""
     from gpam_fairseq import peak_memory
 
-    out = {"tool": tool, "batch_size": _last_flag(cmd, "--batch-size", "--max-sentences"),
-           "max_tokens": _last_flag(cmd, "--max-tokens")}
+    out = {"tool": tool, "batch_size": last_flag(cmd, "--batch-size", "--max-sentences"),
+           "max_tokens": last_flag(cmd, "--max-tokens")}
     out = {k: (int(v) if k != "tool" and v is not None else v) for k, v in out.items()}
     if tool == "fairseq-generate":
-        out["beam"] = int(_last_flag(cmd, "--beam") or 5)  # fairseq's default beam: 5
+        out["beam"] = int(last_flag(cmd, "--beam") or 5)  # fairseq's default beam: 5
         m = re.search(r"Translated ([\d,]+) sentences \(([\d,]+) tokens\) in ([\d.]+)s "
                       r"\(([\d.]+) sentences/s, ([\d.]+) tokens/s\)", log)
         if not m:
@@ -267,7 +255,7 @@ def inference_figures(tool, cmd, log, log_path):
                    sentences_per_s=float(m.group(4)), tokens_per_s=float(m.group(5)))
     else:
         for flag in ("--tokens-per-sample", "--context-window"):
-            value = _last_flag(cmd, flag)
+            value = last_flag(cmd, flag)
             out[flag[2:].replace("-", "_")] = int(value) if value is not None else None
         m = re.search(r"Evaluated ([\d,]+) tokens in ([\d.]+)s \(([\d.]+) tokens/s\)", log)
         if not m:

@@ -35,7 +35,7 @@ from typing import Dict, List, Optional, Sequence
 
 from gpam_fairseq.fairseq_tools import REPO_ROOT, say
 from gpam_fairseq.recipes import controls
-from gpam_fairseq.recipes.common import RecipeError, done_marker, env, env_args
+from gpam_fairseq.recipes.common import RecipeError, done_marker, env, env_args, last_flag
 from gpam_fairseq.recipes.definitions import RECIPES
 
 # --quick: a tiny model and a few updates, on the fixture or any small data (CPU, minutes)
@@ -228,8 +228,8 @@ def _recorded_max_update(run_dir) -> Optional[int]:
             cmd = json.load(f).get("command") or []
     except (OSError, ValueError):
         return None
-    values = [cmd[i + 1] for i, w in enumerate(cmd[:-1]) if w == "--max-update"]
-    return int(values[-1]) if values else None
+    value = last_flag(cmd, "--max-update")
+    return int(value) if value is not None else None
 
 
 def cell_status(run_dir, save_dir, target) -> str:
@@ -246,9 +246,12 @@ def cell_status(run_dir, save_dir, target) -> str:
     return "new"
 
 
-def _status_text(status, run_dir, target):
+def _status_text(cell: Cell) -> str:
+    """What will be done with a cell, now (see :func:`cell_status`)."""
     from gpam_fairseq.recipes.stages import training_figures
 
+    run_dir, target = cell.run_dir, cell.spec["max_update"]
+    status = cell_status(run_dir, cell.save_dir, target)
     if status == "extend":
         return f"extend: trained to {_recorded_max_update(run_dir)} of {target} updates, goes on from checkpoint_last.pt"
     if status == "resume":
@@ -326,8 +329,7 @@ def _metric_text(result):
 
 def run_in_process(cells, progress):
     for cell in cells:
-        progress.started(cell, _status_text(cell_status(cell.run_dir, cell.save_dir, cell.spec["max_update"]),
-                                            cell.run_dir, cell.spec["max_update"]))
+        progress.started(cell, _status_text(cell))
         try:
             outcome = run_cell(cell.spec)
         except RecipeError as e:
@@ -372,9 +374,7 @@ def run_parallel(cells, progress, parallel, out):
                 elif "OMP_NUM_THREADS" not in worker_env:  # CPU: share the cores instead of oversubscribing
                     worker_env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // parallel))
                 log_path = os.path.join(log_dir, cell.run_name + ".log")
-                progress.started(cell, _status_text(cell_status(cell.run_dir, cell.save_dir, cell.spec["max_update"]),
-                                                    cell.run_dir, cell.spec["max_update"])
-                                 + (f" (GPU {gpus[slot]})" if gpus else f" (worker {slot + 1})"))
+                progress.started(cell, _status_text(cell) + (f" (GPU {gpus[slot]})" if gpus else f" (worker {slot + 1})"))
                 log = open(log_path, "w", encoding="utf-8")
                 proc = subprocess.Popen([sys.executable, "-m", "gpam_fairseq.recipes.sweep", "run-cell", spec_path],
                                         stdout=log, stderr=subprocess.STDOUT, env=worker_env, cwd=REPO_ROOT)
@@ -437,8 +437,7 @@ def run_submitit(cells, progress, args, out):
             params[f"slurm_{key}"] = value
     executor.update_parameters(**params)
     for cell in cells:
-        progress.started(cell, _status_text(cell_status(cell.run_dir, cell.save_dir, cell.spec["max_update"]),
-                                            cell.run_dir, cell.spec["max_update"]) + " (submitted)")
+        progress.started(cell, _status_text(cell) + " (submitted)")
     jobs = executor.map_array(run_cell, [c.spec for c in cells])
     say(f"[sweep] {len(jobs)} job(s) submitted ({args.cluster}): {', '.join(j.job_id for j in jobs[:3])}"
         f"{' ...' if len(jobs) > 3 else ''}; submitit logs in {os.path.dirname(folder)}")
