@@ -65,6 +65,11 @@ def is_legacy_format(path: str) -> bool:
         return f.read(len(LEGACY_MAGIC)) == LEGACY_MAGIC
 
 
+def holds_torch_pickle(names: Sequence[str]) -> bool:
+    """Whether the member names of a zip archive include the pickle torch.save writes."""
+    return any(name == "data.pkl" or name.endswith("/data.pkl") for name in names)
+
+
 def file_problem(path: str) -> Optional[str]:
     """What keeps ``path`` from being read as a torch checkpoint, in a few words; None when its
     container is intact (then a failure lies in what it holds). Reads the whole file only when
@@ -95,7 +100,7 @@ def file_problem(path: str) -> Optional[str]:
                 "was cut off while being written (a run killed while saving, a full disk, an interrupted copy)")
     if damaged is not None:
         return f"damaged: {damaged} in its zip archive fails its checksum"
-    if not any(name == "data.pkl" or name.endswith("/data.pkl") for name in names):
+    if not holds_torch_pickle(names):
         return "a zip archive but not a torch checkpoint (it has no data.pkl)"
     return None
 
@@ -111,7 +116,7 @@ def newest_intact_checkpoint(folder: str, besides: str) -> Optional[str]:
     for path in sorted(others, key=os.path.getmtime, reverse=True):
         try:
             with zipfile.ZipFile(path) as archive:  # reads the directory only
-                if any(n == "data.pkl" or n.endswith("/data.pkl") for n in archive.namelist()):
+                if holds_torch_pickle(archive.namelist()):
                     return path
         except (zipfile.BadZipFile, OSError):
             continue

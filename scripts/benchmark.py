@@ -151,6 +151,11 @@ def padded_lengths(batch: int, length: int, gen: torch.Generator) -> torch.Tenso
     return lengths
 
 
+def left_padding(batch: int, length: int, gen: torch.Generator, device) -> torch.Tensor:
+    """fairseq's source-side padding mask (True = pad, on the left) for random lengths."""
+    return (torch.arange(length).unsqueeze(0) < (length - padded_lengths(batch, length, gen)).unsqueeze(1)).to(device)
+
+
 def future_mask(t: int, dtype: torch.dtype, device) -> torch.Tensor:
     """fairseq's decoder mask: float -inf above the diagonal, recorded as such by our
     decoder (which the module needs to take the fused kernel's causal path)."""
@@ -259,8 +264,7 @@ def module_pass(variant: str, role: str, device) -> Tuple[Callable[[], torch.Ten
         n, beam, steps = B // 4, c["beam"], c["prefix"]
         hyps = n * beam
         memory = rand(S, n, E).repeat_interleave(beam, dim=1)  # what the generator gives: one copy per hypothesis
-        src_pad = (torch.arange(S).unsqueeze(0) < (S - padded_lengths(n, S, gen)).unsqueeze(1)).to(device)
-        src_pad = src_pad.repeat_interleave(beam, dim=0)
+        src_pad = left_padding(n, S, gen, device).repeat_interleave(beam, dim=0)
         state: Dict = {}
         if role == "beam_cross":
             module.set_beam_size(beam)
@@ -278,12 +282,12 @@ def module_pass(variant: str, role: str, device) -> Tuple[Callable[[], torch.Ten
     x = rand(T, B, E).requires_grad_(True)
     if role == "cross":
         memory = rand(S, B, E).requires_grad_(True)
-        pad = (torch.arange(S).unsqueeze(0) < (S - padded_lengths(B, S, gen)).unsqueeze(1)).to(device)
+        pad = left_padding(B, S, gen, device)
         return (lambda: module(x, memory, memory, key_padding_mask=pad, static_kv=True, need_weights=False)[0]), module, True, [x, memory]
-    lengths = padded_lengths(B, T, gen)
     if role == "enc_self":  # left padding, as fairseq's source side
-        pad = (torch.arange(T).unsqueeze(0) < (T - lengths).unsqueeze(1)).to(device)
+        pad = left_padding(B, T, gen, device)
         return (lambda: module(x, x, x, key_padding_mask=pad, need_weights=False)[0]), module, True, [x]
+    lengths = padded_lengths(B, T, gen)
     mask = future_mask(T, x.dtype, device)
     pad = (torch.arange(T).unsqueeze(0) >= lengths.unsqueeze(1)).to(device) if role == "dec_self_pad" else None
     return (lambda: module(x, x, x, key_padding_mask=pad, attn_mask=mask, need_weights=False)[0]), module, True, [x]

@@ -14,19 +14,14 @@
 import os
 import re
 import subprocess
-import sys
 
 import pytest
 
-from cli_runs import command, describe, last_line, run_all
+from cli_runs import BIN, ENV, command, describe, last_line, run_all
 from gpam_fairseq.options import ATTENTION_TYPES, FLAG, LAMBDA_SCOPES, NEG_QUERY_INITS, NEG_QUERY_SHARING
 from helpers import REPO, USER_DIR
 from gpam_fairseq.synthetic_corpus import write_corpus
 
-BIN = os.path.dirname(sys.executable)
-ENV = {k: v for k, v in os.environ.items() if k != "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"}
-ENV["PATH"] = BIN + os.pathsep + ENV.get("PATH", "")
-ENV["OMP_NUM_THREADS"] = "1"
 
 NMT = ["--task", "translation", "--arch", "transformer_gpam_iwslt_de_en", "--encoder-layers", "1", "--decoder-layers", "1",
        "--encoder-embed-dim", "16", "--decoder-embed-dim", "16", "--encoder-ffn-embed-dim", "16", "--decoder-ffn-embed-dim", "16"]
