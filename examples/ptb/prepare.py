@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""ptb recipe, stage 'prepare' (settings from the environment; see README.md here, or --help)."""
+"""ptb recipe, stage 'prepare' (settings from the environment; see README.md here, or --help;
+--list-sources [--json] shows what it downloads, with sizes and checksums)."""
 from gpam_fairseq.recipes.stages import main
 
 main("ptb", "prepare")

@@ -4,7 +4,6 @@ import json
 import os
 import shlex
 import time
-import urllib.request
 
 from gpam_fairseq.fairseq_tools import run_logged, say
 from gpam_fairseq.fairseq_tools import training_progress as _demo_progress
@@ -112,30 +111,3 @@ class Progress:
 
     def close(self):
         say(f"  {self.what}: {self.n:,} {self.unit} in {time.time() - self.start:.1f} s")
-
-
-def download(url: str, dest: str) -> None:
-    """Download url to dest (via dest.part), showing progress; a finished file is kept."""
-    if os.path.exists(dest):
-        say(f"  {os.path.basename(dest)}: already downloaded")
-        return
-    os.makedirs(os.path.dirname(dest), exist_ok=True)
-    say(f"  downloading {url}")
-    part = dest + ".part"
-    try:
-        with urllib.request.urlopen(url, timeout=60) as resp, open(part, "wb") as out:
-            total = int(resp.headers.get("Content-Length") or 0) or None
-            progress = Progress(os.path.basename(dest), total, unit="bytes")
-            while True:
-                block = resp.read(1 << 20)
-                if not block:
-                    break
-                out.write(block)
-                progress.update(len(block))
-            progress.close()
-    except OSError as e:
-        raise RecipeError(
-            f"cannot download {url} ({e}); on an offline machine download it elsewhere and pass "
-            f"--archive PATH or --raw-dir DIR to the prepare stage"
-        )
-    os.replace(part, dest)
