@@ -18,6 +18,23 @@ averaged over the sentences of the batch (padding excluded), and every row of th
 (attention type, seed, stack, layer). The PNG has three panels (residual, cosine, gradient
 norm against the layer), one line per attention type (mean over seeds).
 
+The lambda map (``--lambda-pos LIST --lambda-neg LIST``, with ``--pure-attention`` or ``--arch ...
+--random-init``): daGPAM measured at every point of the product grid, per W_Q- initialisation
+(``--neg-query-inits``), the other ``--attention-types`` once as references; points that break
+the row-sum rule (lambda- >= 1 + lambda+) are refused in one line before anything runs (or
+dropped with ``--skip-invalid``). Besides PREFIX.csv (with ``lambda_pos``, ``lambda_neg``,
+``neg_query_init`` columns) it writes PREFIX_map.csv (geometric means over seeds per point and
+layer) and PREFIX_map.png (heat maps over the grid: residual ratio at ``--map-layers``, the first
+layer that has collapsed to float64's floor, layer 1's ||dL/dW_Q||), and PREFIX.png draws the
+per-layer curves of the ``--mark`` points only. ``--trained-lambda PATH...`` reads the lambdas
+of trainable-lambda checkpoints (lambda = softplus(theta), converted by daGPAM's own module),
+per module or per head, marks them on the heat maps and writes PREFIX_trained_lambda.csv.
+
+    # the map over a grid, both W_Q- initialisations, with trained lambdas marked on it
+    python scripts/analyze_collapse.py --pure-attention --depth 8 --seeds 0,1,2,3,4 \
+        --lambda-pos 0,0.2,0.5,1,2 --lambda-neg 0,0.2,0.5,0.9,0.99,1.9,2.9 --skip-invalid \
+        --neg-query-inits neg_identity,random --trained-lambda results/ptb_controlled --out-prefix results/map
+
 The command line is ``scripts/analyze_collapse.py`` (:func:`main`); the PTB controlled
 experiment (``examples/ptb/controlled/run_controlled.py``) calls :func:`run`, :func:`write_csv`
 and :func:`plot` on its trained checkpoints.
@@ -35,18 +52,22 @@ and :func:`plot` on its trained checkpoints.
 
 import argparse
 import csv
+import json
 import logging
+import math
 import os
 import shlex
-from typing import Dict, Iterable, List, Optional, Sequence
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
 import gpam_fairseq  # noqa: F401  (registers the models)
 from gpam_fairseq.fairseq_tools import make_dictionary, parse_training_args, task_without_data
-from gpam_fairseq.options import ATTENTION_TYPES, GPAMOptions
+from gpam_fairseq.options import ATTENTION_TYPES, DEFAULTS, NEG_QUERY_INITS, GPAMConfigError, GPAMOptions
 
-FIELDS = ["label", "attention_type", "seed", "stack", "layer", "norm", "residual_ratio", "mean_cosine", "grad_norm_wq"]
+FIELDS = ["label", "attention_type", "lambda_pos", "lambda_neg", "neg_query_init", "seed", "stack", "layer", "norm",
+          "residual_ratio", "mean_cosine", "grad_norm_wq", "state_rms"]
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -85,15 +106,19 @@ def mean_cosine(x: torch.Tensor) -> float:
 
 
 def batch_metrics(states: torch.Tensor, spans: Sequence[tuple], norm: str):
-    """(mean residual ratio, mean cosine) over the sentences of states (T, B, d); sentence b
-    occupies the positions spans[b] = (start, end) (fairseq left-pads sources, right-pads targets)."""
-    ratios, cosines = [], []
+    """(mean residual ratio, mean cosine, root mean square of the entries) over the sentences of
+    states (T, B, d); sentence b occupies the positions spans[b] = (start, end) (fairseq left-pads
+    sources, right-pads targets). The RMS says how large the states are: a signed map whose rows
+    sum to less than one shrinks them layer after layer, which the ratios, being relative, hide."""
+    ratios, cosines, squares, count = [], [], 0.0, 0
     for b, (start, end) in enumerate(spans):
         x = states[start:end, b]
         ratios.append(residual_ratio(x, norm))
         cosines.append(mean_cosine(x))
+        squares += x.double().pow(2).sum().item()
+        count += x.numel()
     n = len(ratios)
-    return sum(ratios) / n, sum(cosines) / n
+    return sum(ratios) / n, sum(cosines) / n, (squares / count) ** 0.5
 
 
 # ----------------------------------------------------------------------------- fairseq models
@@ -154,12 +179,13 @@ def measure_model(model, sample, pad_idx: int, norm: str = "fro") -> List[dict]:
             idx = keep[b].nonzero().flatten()
             spans.append((int(idx[0]), int(idx[-1]) + 1))
         for i, states in enumerate(captured[stack]):
-            ratio, cos = batch_metrics(states, spans, norm)
+            ratio, cos, rms = batch_metrics(states, spans, norm)
             grad = None
             if i > 0:
                 g = layers[i - 1].self_attn.q_proj.weight.grad
                 grad = g.norm().item() if g is not None else float("nan")
-            rows.append(dict(stack=stack, layer=i, norm=norm, residual_ratio=ratio, mean_cosine=cos, grad_norm_wq=grad))
+            rows.append(dict(stack=stack, layer=i, norm=norm, residual_ratio=ratio, mean_cosine=cos, grad_norm_wq=grad,
+                             state_rms=rms))
     return rows
 
 
@@ -218,20 +244,25 @@ def build_random_model(arch: str, task_name: str, attention_type: str, fairseq_a
 # ----------------------------------------------------------------------------- pure attention stacks
 
 
-def pure_stack(attention_type: str, depth: int, dim: int, heads: int, seed: int, dtype=torch.float64):
+def pure_stack(attention_type: str, depth: int, dim: int, heads: int, seed: int, dtype=torch.float64,
+               options: Optional[GPAMOptions] = None):
     """``depth`` self-attention modules, no residual, no FFN, no norm. The projections
     (W_Q, W_K, W_V, W_O) are those of a softmax stack with the same seed, so mechanisms
-    differ only in what is specific to them."""
+    differ only in what is specific to them (a random W_Q- is drawn from a seed of its own
+    layer, the same for every lambda). ``options``: the GPAM options of the stack (lambda+,
+    lambda-, the W_Q- initialisation); default: the defaults of ``attention_type``."""
     from gpam_fairseq.modules.transformer import build_attention
 
+    options = options or GPAMOptions(attention_type=attention_type)
+    if options.attention_type != attention_type:
+        raise ValueError(f"pure_stack: options are for {options.attention_type!r}, not {attention_type!r}")
     torch.manual_seed(seed)
     reference = [build_attention("enc_self", GPAMOptions(attention_type="softmax"), dim, heads, self_attention=True)
                  for _ in range(depth)]
     layers = []
     for l, ref in enumerate(reference, start=1):
         torch.manual_seed(seed * 1000 + l)
-        layer = build_attention("enc_self", GPAMOptions(attention_type=attention_type), dim, heads, layer_index=l,
-                                self_attention=True)
+        layer = build_attention("enc_self", options, dim, heads, layer_index=l, self_attention=True)
         missing, unexpected = layer.load_state_dict(ref.state_dict(), strict=False)
         assert not unexpected and all(k.startswith("mechanism.") for k in missing)
         layers.append(layer.to(dtype).eval())
@@ -239,9 +270,9 @@ def pure_stack(attention_type: str, depth: int, dim: int, heads: int, seed: int,
 
 
 def measure_pure(attention_type: str, depth: int, dim: int, heads: int, tokens: int, batch: int, seed: int,
-                 norm: str = "fro") -> List[dict]:
+                 norm: str = "fro", options: Optional[GPAMOptions] = None) -> List[dict]:
     dtype = torch.float64  # ratios fall to ~1e-16 within a few layers: fp32 would floor at ~1e-7
-    layers = pure_stack(attention_type, depth, dim, heads, seed, dtype)
+    layers = pure_stack(attention_type, depth, dim, heads, seed, dtype, options)
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(tokens, batch, dim, generator=g, dtype=dtype)
     target = torch.randn(tokens, batch, dim, generator=g, dtype=dtype)
@@ -256,44 +287,297 @@ def measure_pure(attention_type: str, depth: int, dim: int, heads: int, tokens: 
     spans = [(0, tokens)] * batch
     rows = []
     for i, s in enumerate(states):
-        ratio, cos = batch_metrics(s, spans, norm)
+        ratio, cos, rms = batch_metrics(s, spans, norm)
         grad = layers[i - 1].q_proj.weight.grad.norm().item() if i > 0 else None
-        rows.append(dict(stack="pure", layer=i, norm=norm, residual_ratio=ratio, mean_cosine=cos, grad_norm_wq=grad))
+        rows.append(dict(stack="pure", layer=i, norm=norm, residual_ratio=ratio, mean_cosine=cos, grad_norm_wq=grad,
+                         state_rms=rms))
     return rows
+
+
+# ----------------------------------------------------------------------------- the lambda grid
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One attention setting to measure: a type, and for daGPAM its lambdas and W_Q- start
+    (None: the type's defaults, or whatever a checkpoint / --fairseq-args says)."""
+
+    attention_type: str
+    lambda_pos: Optional[float] = None
+    lambda_neg: Optional[float] = None
+    neg_query_init: Optional[str] = None
+    label: str = ""
+
+    def options(self) -> GPAMOptions:
+        """The GPAM options of a pure stack for this setting."""
+        given = {k: v for k, v in (("lambda_pos", self.lambda_pos), ("lambda_neg", self.lambda_neg),
+                                   ("neg_query_init", self.neg_query_init)) if v is not None}
+        return GPAMOptions(attention_type=self.attention_type, **given)
+
+    def fairseq_flags(self) -> List[str]:
+        """The fairseq-train flags that set this setting (after --fairseq-args, so they win)."""
+        flags = []
+        for value, flag in ((self.lambda_pos, "--gpam-lambda-pos"), (self.lambda_neg, "--gpam-lambda-neg"),
+                            (self.neg_query_init, "--gpam-neg-query-init")):
+            if value is not None:
+                flags += [flag, repr(value) if isinstance(value, float) else value]
+        return flags
+
+    def columns(self) -> dict:
+        return dict(lambda_pos=self.lambda_pos, lambda_neg=self.lambda_neg, neg_query_init=self.neg_query_init)
+
+
+def parse_floats(text: str, flag: str) -> List[float]:
+    """A comma list of finite numbers >= 0 (a lambda list), in the order given, without repeats."""
+    values = []
+    for item in text.split(","):
+        if not item.strip():
+            continue
+        try:
+            v = float(item)
+        except ValueError:
+            raise SystemExit(f"{flag}: expected a comma list of numbers >= 0, got {item.strip()!r}") from None
+        if not math.isfinite(v) or v < 0:
+            raise SystemExit(f"{flag}: every value must be a finite number >= 0, got {item.strip()!r}")
+        if v not in values:
+            values.append(v)
+    if not values:
+        raise SystemExit(f"{flag}: empty list")
+    return values
+
+
+def breaks_row_sum(lambda_pos: float, lambda_neg: float) -> bool:
+    """Whether P_G's rows would sum to 1 + lambda+ - lambda- <= 0 (refused, as --gpam-lambda-neg is)."""
+    return lambda_neg >= 1 + lambda_pos
+
+
+def lambda_grid(pos: Sequence[float], neg: Sequence[float], skip_invalid: bool = False) -> List[Tuple[float, float]]:
+    """The product grid of (lambda+, lambda-), lambda+ first. Points that break the row-sum rule
+    (lambda- >= 1 + lambda+) are refused by name before anything is measured, in one line;
+    ``skip_invalid`` drops them instead (the valid region of a rectangular grid is a triangle)."""
+    points = [(p, n) for p in pos for n in neg]
+    invalid = [(p, n) for p, n in points if breaks_row_sum(p, n)]
+    if invalid and not skip_invalid:
+        named = ", ".join(f"(lambda+ {p:g}, lambda- {n:g})" for p, n in invalid)
+        raise GPAMConfigError(
+            f"--lambda-neg: {len(invalid)} grid point(s) break the row-sum rule lambda- < 1 + lambda+ (rows of P_G "
+            f"would sum to 1 + lambda+ - lambda- <= 0): {named}; remove them from --lambda-pos/--lambda-neg, or pass "
+            f"--skip-invalid to measure only the valid points")
+    valid = [pt for pt in points if pt not in invalid]
+    if not valid:
+        raise GPAMConfigError("--lambda-neg: no grid point satisfies lambda- < 1 + lambda+; lower --lambda-neg")
+    return valid
+
+
+def grid_label(lambda_pos: float, lambda_neg: float, neg_query_init: str) -> str:
+    return f"dagpam l+={lambda_pos:g} l-={lambda_neg:g} {neg_query_init}"
+
+
+def settings_for(types: Sequence[str], grid: Optional[List[Tuple[float, float]]], inits: Sequence[str]) -> List[Setting]:
+    """What to measure: every type of ``types``; daGPAM once per grid point (or at its defaults
+    without a grid) and per W_Q- initialisation; the other types once, as references."""
+    out = []
+    for t in types:
+        if t != "dagpam":
+            out.append(Setting(t, label=t))
+            continue
+        for init in inits:
+            if grid is None:
+                label = t if list(inits) == ["neg_identity"] else f"{t} {init}"
+                out.append(Setting(t, DEFAULTS["gpam_lambda_pos"], DEFAULTS["gpam_lambda_neg"], init, label))
+            else:
+                out.extend(Setting(t, p, n, init, grid_label(p, n, init)) for p, n in grid)
+    return out
+
+
+def default_marks(grid: List[Tuple[float, float]]) -> List[Tuple[float, float]]:
+    """The points whose per-layer curves are drawn: the defaults (0.2, 0.2), the row-sum-1
+    diagonal lambda+ = lambda-, and for every lambda+ the largest lambda- of the grid (the one
+    closest to its limit 1 + lambda+), where they are grid points."""
+    marks = []
+    defaults = (DEFAULTS["gpam_lambda_pos"], DEFAULTS["gpam_lambda_neg"])
+    candidates = [defaults] + sorted(pt for pt in grid if pt[0] == pt[1])
+    for p in sorted({p for p, _ in grid}):
+        candidates.append((p, max(n for q, n in grid if q == p)))
+    for pt in candidates:
+        if pt in grid and pt not in marks:
+            marks.append(pt)
+    return marks
+
+
+def parse_marks(text: str, grid: List[Tuple[float, float]]) -> List[Tuple[float, float]]:
+    marks = []
+    for item in text.split(","):
+        if not item.strip():
+            continue
+        try:
+            p, n = (float(x) for x in item.split(":"))
+        except ValueError:
+            raise SystemExit(f"--mark: expected LAMBDA_POS:LAMBDA_NEG pairs separated by commas, got {item.strip()!r}") from None
+        if (p, n) not in grid:
+            raise SystemExit(f"--mark: ({p:g}, {n:g}) is not a point of the grid --lambda-pos x --lambda-neg")
+        marks.append((p, n))
+    return marks
+
+
+# ----------------------------------------------------------------------------- trained lambdas
+
+THETA_SUFFIXES = (".mechanism.lambda_pos_theta", ".mechanism.lambda_neg_theta")
+TRAINED_FIELDS = ["checkpoint", "module", "head", "theta_pos", "theta_neg", "lambda_pos", "lambda_neg", "row_sum"]
+
+
+def checkpoints_in(path: str) -> List[str]:
+    """The checkpoint files that ``path`` names: a file; a folder holding checkpoint_best.pt (else
+    checkpoint_last.pt), as fairseq's --save-dir does; a recipe run folder (its .train.done
+    records the training command and so its --save-dir); or a folder with such folders below
+    it, like the PTB controlled run (ckpt/<type>/checkpoint_best.pt). Raises CheckpointError."""
+    from gpam_fairseq.checkpoints import CheckpointError
+
+    if os.path.isfile(path):
+        return [path]
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: no such file or folder (--trained-lambda takes checkpoints or run folders)", path)
+
+    def own(folder):
+        for name in ("checkpoint_best.pt", "checkpoint_last.pt"):
+            if os.path.isfile(os.path.join(folder, name)):
+                return os.path.join(folder, name)
+        return None
+
+    if own(path):
+        return [own(path)]
+    marker = os.path.join(path, ".train.done")
+    if os.path.isfile(marker):
+        with open(marker, encoding="utf-8") as f:
+            command = json.load(f).get("command") or []
+        if "--save-dir" in command[:-1]:
+            save_dir = command[command.index("--save-dir") + 1]
+            if own(save_dir):
+                return [own(save_dir)]
+            raise CheckpointError(f"{path}: the run's --save-dir {save_dir} holds no checkpoint_best.pt or "
+                                  "checkpoint_last.pt", path)
+    found = []
+    for folder, subfolders, _ in os.walk(path):
+        subfolders.sort()
+        if own(folder):
+            found.append(own(folder))
+    if not found:
+        raise CheckpointError(f"{path}: no checkpoint_best.pt or checkpoint_last.pt in it or below it, and no "
+                              ".train.done naming a --save-dir", path)
+    return found
+
+
+def lambdas_from_thetas(theta_pos: torch.Tensor, theta_neg: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(lambda+, lambda-) per value of the thetas, converted by daGPAM's own module
+    (DaGPAMMechanism.lambdas: softplus in the thetas' accumulation dtype), not by a copy of it."""
+    from torch import nn
+
+    from gpam_fairseq.attention.mechanisms import DaGPAMMechanism
+
+    n = theta_pos.numel()
+    if theta_neg.numel() != n:
+        raise ValueError(f"lambda thetas of different sizes: {n} and {theta_neg.numel()}")
+    options = GPAMOptions(trainable_lambda=True, lambda_scope="head" if n > 1 else "module")
+    mechanism = DaGPAMMechanism(num_heads=n, head_dim=1, options=options)
+    mechanism.lambda_pos_theta = nn.Parameter(theta_pos.detach().clone().reshape(n), requires_grad=False)
+    mechanism.lambda_neg_theta = nn.Parameter(theta_neg.detach().clone().reshape(n), requires_grad=False)
+    with torch.no_grad():
+        pos, neg = mechanism.lambdas()
+    return pos.flatten(), neg.flatten()
+
+
+def read_trained_lambdas(checkpoint: str) -> List[dict]:
+    """One row per attention module (per head with --gpam-lambda-scope head) whose lambdas the
+    checkpoint holds as trainable thetas: the thetas and lambda = softplus(theta). [] if none."""
+    from gpam_fairseq.checkpoints import load_state
+
+    model = load_state(checkpoint)["model"]
+    rows = []
+    for key in sorted(model):
+        if not key.endswith(THETA_SUFFIXES[0]):
+            continue
+        module = key[: -len(THETA_SUFFIXES[0])]
+        neg_key = module + THETA_SUFFIXES[1]
+        if neg_key not in model:
+            raise ValueError(f"{checkpoint}: {key} has no {neg_key}")
+        theta_pos, theta_neg = model[key].flatten(), model[neg_key].flatten()
+        lam_pos, lam_neg = lambdas_from_thetas(theta_pos, theta_neg)
+        per_head = theta_pos.numel() > 1
+        for h in range(theta_pos.numel()):
+            rows.append(dict(checkpoint=checkpoint, module=module, head=h if per_head else "all",
+                             theta_pos=theta_pos[h].item(), theta_neg=theta_neg[h].item(),
+                             lambda_pos=lam_pos[h].item(), lambda_neg=lam_neg[h].item(),
+                             row_sum=1 + lam_pos[h].item() - lam_neg[h].item()))
+    return rows
+
+
+def trained_lambdas(paths: Sequence[str]) -> List[dict]:
+    """The trained lambdas of every checkpoint ``paths`` name (see :func:`checkpoints_in`); the
+    checkpoints without trainable lambdas (other types, fixed lambdas) are skipped with a note."""
+    from gpam_fairseq.checkpoints import CheckpointError
+
+    rows = []
+    for path in paths:
+        found = []
+        for ckpt in checkpoints_in(path):
+            got = read_trained_lambdas(ckpt)
+            print(f"| trained lambda: {ckpt}: " + (f"{len(got)} value(s)" if got else
+                  "no trainable lambdas (another attention type, or fixed lambdas): skipped"), flush=True)
+            found += got
+        if not found:
+            raise CheckpointError(f"{path}: no checkpoint there holds trainable daGPAM lambdas "
+                                  "(lambda_pos_theta / lambda_neg_theta; trained with --gpam-trainable-lambda)", path)
+        rows += found
+    return rows
+
+
+def summarise_trained(rows: List[dict]) -> List[str]:
+    lines = []
+    for ckpt in dict.fromkeys(r["checkpoint"] for r in rows):
+        mine = [r for r in rows if r["checkpoint"] == ckpt]
+        pos, neg = [r["lambda_pos"] for r in mine], [r["lambda_neg"] for r in mine]
+        lines.append(f"| {ckpt}: {len(mine)} value(s) over {len({r['module'] for r in mine})} module(s): "
+                     f"lambda+ {min(pos):.4f}..{max(pos):.4f} (mean {sum(pos) / len(pos):.4f}), "
+                     f"lambda- {min(neg):.4f}..{max(neg):.4f} (mean {sum(neg) / len(neg):.4f})")
+    return lines
 
 
 # ----------------------------------------------------------------------------- output
 
 
-def write_csv(rows: Iterable[dict], path: str) -> None:
+def write_csv(rows: Iterable[dict], path: str, fields: Sequence[str] = FIELDS) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
+        w = csv.DictWriter(f, fieldnames=list(fields))
         w.writeheader()
         for r in rows:
-            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in FIELDS})
+            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in fields})
 
 
-def plot(rows: List[dict], path: str, title: str = "") -> None:
-    import matplotlib
+PANELS = [("residual_ratio", "residual ratio ||res(X)|| / ||X||", True),
+          ("mean_cosine", "mean pairwise cosine similarity", False),
+          ("grad_norm_wq", "||dL / dW_Q||", True)]
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    panels = [("residual_ratio", "residual ratio ||res(X)|| / ||X||", True),
-              ("mean_cosine", "mean pairwise cosine similarity", False),
-              ("grad_norm_wq", "||dL / dW_Q||", True)]
+def _number(v) -> Optional[float]:
+    if v is None or v == "":
+        return None
+    return float(v)
+
+
+def _draw_curves(axes, rows: List[dict], legend: bool = True) -> None:
+    """The three panels of :data:`PANELS` on ``axes``: one line per (label, stack), mean over seeds."""
     groups: Dict[tuple, Dict[int, List[float]]] = {}
     for r in rows:
-        for key, _, _ in panels:
-            v = r.get(key)
-            if v is None or v == "" or v != v:
+        for key, _, _ in PANELS:
+            v = _number(r.get(key))
+            if v is None or v != v:
                 continue
-            groups.setdefault((r["label"], r["stack"], key), {}).setdefault(int(r["layer"]), []).append(float(v))
-    labels = sorted({(r["label"], r["stack"]) for r in rows}, key=lambda x: (x[1], x[0]))
+            groups.setdefault((r["label"], r["stack"], key), {}).setdefault(int(r["layer"]), []).append(v)
+    labels = list(dict.fromkeys((r["label"], r["stack"]) for r in rows))
+    labels.sort(key=lambda x: x[1])
     stacks = {s for _, s in labels}
-    for ax, (key, ylabel, log) in zip(axes, panels):
+    for ax, (key, ylabel, log) in zip(axes, PANELS):
         for label, stack in labels:
             data = groups.get((label, stack, key))
             if not data:
@@ -309,13 +593,245 @@ def plot(rows: List[dict], path: str, title: str = "") -> None:
         ax.set_xlabel("layer (0 = input)")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    if legend:
+        axes[0].legend(fontsize=7)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+
+
+def plot(rows: List[dict], path: str, title: str = "", facet: Optional[str] = None) -> None:
+    """Three panels (residual ratio, cosine, ||dL/dW_Q|| against the layer), one line per label;
+    ``facet``: a column of the rows (e.g. neg_query_init) that gets one row of panels per value
+    (the rows without a value, the reference types, are drawn in every one)."""
+    plt = _pyplot()
+    values = [None] if facet is None else sorted({r.get(facet) for r in rows if r.get(facet)}) or [None]
+    fig, axes = plt.subplots(len(values), 3, figsize=(15, 4.2 * len(values)), squeeze=False)
+    for row_axes, value in zip(axes, values):
+        mine = rows if value is None else [r for r in rows if r.get(facet) in (value, None, "")]
+        _draw_curves(row_axes, mine)
+        if value is not None:
+            row_axes[0].set_title(f"{facet} = {value}", fontsize=9, loc="left")
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
+
+
+# ----------------------------------------------------------------------------- the map
+
+MAP_FIELDS = ["neg_query_init", "stack", "lambda_pos", "lambda_neg", "row_sum", "layer", "seeds",
+              "residual_ratio_gmean", "residual_ratio_min", "residual_ratio_max", "grad_norm_wq_gmean", "state_rms_gmean"]
+COLLAPSED = 1e-12  # a residual ratio below this is rank one up to float64 rounding (its floor is ~2e-16)
+
+
+def _gmean(values: List[float]) -> float:
+    """Geometric mean; NaN when one value is NaN (an overflowed stack), 0 when one is 0."""
+    if any(v != v for v in values):
+        return float("nan")
+    if any(v <= 0 for v in values):
+        return 0.0
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+def summarise_grid(rows: List[dict]) -> List[dict]:
+    """One row per (W_Q- init, stack, lambda+, lambda-, layer) of the grid's daGPAM rows, over
+    seeds: geometric means (ratios and norms span many decades), and the residual's range."""
+    groups: Dict[tuple, List[dict]] = {}
+    for r in rows:
+        if r.get("attention_type") != "dagpam" or r.get("lambda_pos") in (None, ""):
+            continue
+        key = (r["neg_query_init"], r["stack"], float(r["lambda_pos"]), float(r["lambda_neg"]), int(r["layer"]))
+        groups.setdefault(key, []).append(r)
+    out = []
+    for (init, stack, p, n, layer), mine in sorted(groups.items()):
+        ratios = [float(r["residual_ratio"]) for r in mine]
+        grads = [_number(r["grad_norm_wq"]) for r in mine]
+        rms = [_number(r.get("state_rms")) for r in mine]
+        out.append(dict(neg_query_init=init, stack=stack, lambda_pos=p, lambda_neg=n, row_sum=1 + p - n, layer=layer,
+                        seeds=len(mine), residual_ratio_gmean=_gmean(ratios), residual_ratio_min=min(ratios),
+                        residual_ratio_max=max(ratios),
+                        grad_norm_wq_gmean=None if None in grads else _gmean(grads),
+                        state_rms_gmean=None if None in rms else _gmean(rms)))
+    return out
+
+
+def reference_summary(rows: List[dict]) -> Dict[tuple, Dict[int, float]]:
+    """{(type, stack): {layer: geometric mean residual ratio}} of the rows outside the grid."""
+    groups: Dict[tuple, Dict[int, List[float]]] = {}
+    for r in rows:
+        if r.get("lambda_pos") not in (None, ""):
+            continue
+        groups.setdefault((r["label"], r["stack"]), {}).setdefault(int(r["layer"]), []).append(float(r["residual_ratio"]))
+    return {k: {l: _gmean(v) for l, v in d.items()} for k, d in groups.items()}
+
+
+def first_collapsed_layer(summary: List[dict], init: str, stack: str, p: float, n: float) -> Optional[int]:
+    """The first layer whose (geometric mean) residual ratio is below :data:`COLLAPSED`; None if none."""
+    for r in sorted((r for r in summary if (r["neg_query_init"], r["stack"], r["lambda_pos"], r["lambda_neg"]) ==
+                     (init, stack, p, n)), key=lambda r: r["layer"]):
+        if r["layer"] > 0 and r["residual_ratio_gmean"] < COLLAPSED:
+            return r["layer"]
+    return None
+
+
+DEFAULT_MAP_LAYERS = ("2", "4", "last")
+
+
+def resolve_layers(spec: Sequence[str], last: int) -> List[int]:
+    """The layers of --map-layers ('last' = ``last``); the default's layers beyond ``last`` are left out."""
+    layers = []
+    for item in spec:
+        try:
+            layer = last if item == "last" else int(item)
+        except ValueError:
+            raise SystemExit(f"--map-layers: expected layer numbers or 'last', got {item!r}") from None
+        if not 1 <= layer <= last:
+            if tuple(spec) == DEFAULT_MAP_LAYERS:
+                continue
+            raise SystemExit(f"--map-layers: layer {item} is outside 1..{last}")
+        if layer not in layers:
+            layers.append(layer)
+    return layers
+
+
+def map_tables(summary: List[dict], layers_spec: Sequence[str], references: Dict[tuple, Dict[int, float]]) -> List[str]:
+    """The map as text tables (rows lambda+, columns lambda-), for the console and the raw output."""
+    lines = []
+    for init, stack in dict.fromkeys((r["neg_query_init"], r["stack"]) for r in summary):
+        mine = [r for r in summary if (r["neg_query_init"], r["stack"]) == (init, stack)]
+        pos = sorted({r["lambda_pos"] for r in mine})
+        neg = sorted({r["lambda_neg"] for r in mine})
+        last = max(r["layer"] for r in mine)
+        at = {(r["lambda_pos"], r["lambda_neg"], r["layer"]): r for r in mine}
+        refs = {label: d for (label, st), d in references.items() if st == stack}
+
+        def table(title, value):
+            lines.append(f"| {title} (W_Q- init {init}, stack {stack}; rows lambda+, columns lambda-; '-' = invalid)")
+            lines.append("| lambda+ \\ lambda- | " + " | ".join(f"{n:g}" for n in neg) + " |")
+            for p in pos:
+                cells = [value(p, n) if (p, n, 1) in at else "-" for n in neg]
+                lines.append(f"| {p:g} | " + " | ".join(cells) + " |")
+
+        for layer in resolve_layers(layers_spec, last):
+            ref = ", ".join(f"{label} {d[layer]:.1e}" for label, d in refs.items() if layer in d)
+            table(f"residual ratio at layer {layer}, geometric mean over seeds" + (f" (reference: {ref})" if ref else ""),
+                  lambda p, n, layer=layer: f"{at[(p, n, layer)]['residual_ratio_gmean']:.1e}")
+        table(f"first layer with residual ratio < {COLLAPSED:g} ('none' = not within {last})",
+              lambda p, n: str(first_collapsed_layer(summary, init, stack, p, n) or "none"))
+        table("||dL/dW_Q|| of layer 1, geometric mean over seeds",
+              lambda p, n: f"{at[(p, n, 1)]['grad_norm_wq_gmean']:.1e}")
+        table(f"RMS of the states at layer {last}, geometric mean over seeds",
+              lambda p, n: f"{at[(p, n, last)]['state_rms_gmean']:.1e}")
+    return lines
+
+
+def _grid_position(values: List[float], v: float) -> float:
+    """Where the value v lies on an axis whose ticks 0, 1, ... are the sorted grid values
+    (piecewise linear between them, beyond the ends by the last step)."""
+    import numpy as np
+
+    if len(values) == 1:
+        return 0.0 + (v - values[0])
+    if v <= values[0]:
+        return (v - values[0]) / (values[1] - values[0])
+    if v >= values[-1]:
+        return len(values) - 1 + (v - values[-1]) / (values[-1] - values[-2])
+    return float(np.interp(v, values, range(len(values))))
+
+
+def plot_map(summary: List[dict], path: str, layers_spec: Sequence[str], trained: Sequence[dict] = (),
+             title: str = "") -> None:
+    """Heat maps over the grid (rows lambda+, columns lambda-), one row of panels per (W_Q-
+    init, stack): log10 of the residual ratio at each layer of ``layers_spec``, then log10 of
+    layer 1's ||dL/dW_Q||. Invalid points (lambda- >= 1 + lambda+) are grey; the line is the
+    limit lambda- = 1 + lambda+; trained lambdas are the white dots (one per module or head)."""
+    import numpy as np
+
+    plt = _pyplot()
+    facets = list(dict.fromkeys((r["neg_query_init"], r["stack"]) for r in summary))
+    last_of = {f: max(r["layer"] for r in summary if (r["neg_query_init"], r["stack"]) == f) for f in facets}
+    ncols = max(len(resolve_layers(layers_spec, last)) for last in last_of.values()) + 2
+    columns = max(len({r["lambda_neg"] for r in summary}), 1)
+    width = max(4.3, 0.3 * columns + 1.6)
+    fig, axes = plt.subplots(len(facets), ncols, figsize=(width * ncols, 3.9 * len(facets)), squeeze=False)
+    for row_axes, facet in zip(axes, facets):
+        mine = [r for r in summary if (r["neg_query_init"], r["stack"]) == facet]
+        pos = sorted({r["lambda_pos"] for r in mine})
+        neg = sorted({r["lambda_neg"] for r in mine})
+        at = {(r["lambda_pos"], r["lambda_neg"], r["layer"]): r for r in mine}
+        panels = [(f"residual ratio, layer {l}", "residual_ratio_gmean", l, (-16, 0))
+                  for l in resolve_layers(layers_spec, last_of[facet])]
+        panels.append((f"first layer with residual ratio < {COLLAPSED:g}", "first_collapsed", 1, None))
+        panels.append(("||dL/dW_Q||, layer 1", "grad_norm_wq_gmean", 1, None))
+        last = last_of[facet]
+        for ax in row_axes[len(panels):]:
+            ax.axis("off")
+        for ax, (name, key, layer, limits) in zip(row_axes, panels):
+            collapse_panel = key == "first_collapsed"
+            grid = np.full((len(pos), len(neg)), np.nan)
+            texts = {}
+            for i, p in enumerate(pos):
+                for j, n in enumerate(neg):
+                    r = at.get((p, n, layer))
+                    if r is None:
+                        continue
+                    if collapse_panel:
+                        first = first_collapsed_layer(summary, facet[0], facet[1], p, n)
+                        grid[i, j] = last + 1 if first is None else first
+                        texts[i, j] = "none" if first is None else str(first)
+                    elif r[key] is not None:
+                        v = r[key]
+                        texts[i, j] = "overflow" if v != v else f"{v:.1e}"
+                        if v == v:
+                            grid[i, j] = math.log10(max(v, 1e-300))
+            cmap = plt.get_cmap("viridis").with_extremes(bad="#d0d0d0")
+            vmin, vmax = limits or ((1, last + 1) if collapse_panel else (np.nanmin(grid), np.nanmax(grid)))
+            image = ax.imshow(grid, origin="lower", cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
+            fig.colorbar(image, ax=ax, label="layer" if collapse_panel else "log10", fraction=0.046)
+            rotation = 90 if len(neg) > 6 else 0  # many columns: narrow cells
+            for i, p in enumerate(pos):
+                for j, n in enumerate(neg):
+                    if breaks_row_sum(p, n):
+                        ax.text(j, i, "invalid", ha="center", va="center", fontsize=6, color="#707070", rotation=rotation)
+                    elif (i, j) in texts:
+                        shade = (grid[i, j] - vmin) / ((vmax - vmin) or 1) if grid[i, j] == grid[i, j] else 1
+                        ax.text(j, i, texts[i, j], ha="center", va="center", fontsize=6, rotation=rotation,
+                                color="white" if shade < 0.5 else "black")
+            # the limit lambda- = 1 + lambda+, drawn through the grid's coordinates
+            ps = np.linspace(pos[0], pos[-1], 200) if len(pos) > 1 else np.array(pos)
+            ax.plot([_grid_position(neg, 1 + p) for p in ps], [_grid_position(pos, p) for p in ps],
+                    color="red", linewidth=1, label="lambda- = 1 + lambda+")
+            if trained:
+                ax.scatter([_grid_position(neg, r["lambda_neg"]) for r in trained],
+                           [_grid_position(pos, r["lambda_pos"]) for r in trained],
+                           s=14, c="white", edgecolors="black", linewidths=0.6, zorder=5, label="trained lambda")
+            ax.set_xlim(-0.5, len(neg) - 0.5)
+            ax.set_ylim(-0.5, len(pos) - 0.5)
+            ax.set_xticks(range(len(neg)))
+            ax.set_xticklabels([f"{n:g}" for n in neg], fontsize=7)
+            ax.set_yticks(range(len(pos)))
+            ax.set_yticklabels([f"{p:g}" for p in pos], fontsize=7)
+            ax.set_xlabel("lambda-")
+            ax.set_ylabel("lambda+")
+            ax.set_title(f"{name}\nW_Q- {facet[0]}, {facet[1]}", fontsize=8)
+        row_axes[0].legend(fontsize=6, loc="upper left")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    _save(fig, path)
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -361,10 +877,65 @@ def get_parser() -> argparse.ArgumentParser:
     pure.add_argument("--depth", type=int, default=12)
     pure.add_argument("--dim", type=int, default=64)
     pure.add_argument("--heads", type=int, default=4)
+    grid = p.add_argument_group(
+        "the lambda map (daGPAM, with --pure-attention or --arch ... --random-init)",
+        "daGPAM is measured at every point of the product grid --lambda-pos x --lambda-neg; the other "
+        "--attention-types once, as references. Points with lambda- >= 1 + lambda+ are refused unless "
+        "--skip-invalid. Writes PREFIX.csv (every row, with lambda_pos and lambda_neg), PREFIX.png "
+        "(per-layer curves of the --mark points), PREFIX_map.csv (geometric means over seeds) and "
+        "PREFIX_map.png (heat maps over the grid).")
+    grid.add_argument("--lambda-pos", help="comma list of lambda+ values >= 0 (default: 0.2, the default of --gpam-lambda-pos)")
+    grid.add_argument("--lambda-neg", help="comma list of lambda- values >= 0 (default: 0.2, the default of --gpam-lambda-neg)")
+    grid.add_argument("--skip-invalid", action="store_true",
+                      help="drop the grid points with lambda- >= 1 + lambda+ instead of refusing the grid")
+    grid.add_argument("--neg-query-inits", default="neg_identity",
+                      help=f"comma list of W_Q- initialisations for daGPAM, a facet of the map: {', '.join(NEG_QUERY_INITS)} "
+                           "(default neg_identity)")
+    grid.add_argument("--map-layers", default=",".join(DEFAULT_MAP_LAYERS),
+                      help="layers whose residual ratio the heat maps show, 'last' = the last layer (default 2,4,last)")
+    grid.add_argument("--mark", help="LAMBDA_POS:LAMBDA_NEG points whose per-layer curves PREFIX.png draws (default: "
+                                     "0.2:0.2, the grid's points with lambda+ = lambda-, and per lambda+ its largest lambda-)")
+    grid.add_argument("--trained-lambda", nargs="+", metavar="PATH",
+                      help="checkpoints or run folders (a --save-dir, a recipe run folder, the PTB controlled run's "
+                           "--out-dir) whose trainable lambdas are marked on the heat maps and written to "
+                           "PREFIX_trained_lambda.csv; alone, only that CSV is written")
     p.add_argument("--seeds", default="1", help="comma list of seeds (default 1)")
     p.add_argument("--norm", default="fro", choices=["fro", "l1inf"], help="residual norm (default fro)")
     p.add_argument("--out-prefix", default="collapse", help="writes PREFIX.csv and PREFIX.png")
     return p
+
+
+def grid_of(args) -> Optional[List[Tuple[float, float]]]:
+    """The (lambda+, lambda-) grid asked for, validated; None when neither list is given."""
+    if getattr(args, "lambda_pos", None) is None and getattr(args, "lambda_neg", None) is None:
+        return None
+    pos = parse_floats(args.lambda_pos, "--lambda-pos") if args.lambda_pos is not None else [DEFAULTS["gpam_lambda_pos"]]
+    neg = parse_floats(args.lambda_neg, "--lambda-neg") if args.lambda_neg is not None else [DEFAULTS["gpam_lambda_neg"]]
+    return lambda_grid(pos, neg, args.skip_invalid)
+
+
+def parse_inits(text: str) -> List[str]:
+    inits = list(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
+    for init in inits:
+        if init not in NEG_QUERY_INITS:
+            raise SystemExit(f"--neg-query-inits: unknown initialisation {init!r}; choose from {', '.join(NEG_QUERY_INITS)}")
+    if not inits:
+        raise SystemExit("--neg-query-inits: empty list")
+    return inits
+
+
+def fixed_lambdas(modules) -> dict:
+    """lambda_pos/lambda_neg/neg_query_init columns for a model whose daGPAM modules all share
+    fixed lambdas and one W_Q- initialisation (else empty)."""
+    from gpam_fairseq.attention.mechanisms import DaGPAMMechanism
+
+    found = {(m.lambda_pos_fixed, m.lambda_neg_fixed, m.neg_query_init)
+             for module in modules for m in module.modules()
+             if isinstance(m, DaGPAMMechanism) and not m.trainable_lambda}
+    if len(found) != 1:
+        return {}
+    p, n, init = found.pop()
+    return dict(lambda_pos=p, lambda_neg=n, neg_query_init=init)
 
 
 def run(args) -> List[dict]:
@@ -373,48 +944,84 @@ def run(args) -> List[dict]:
         raise SystemExit("give exactly one of --checkpoint, --arch ... --random-init, --pure-attention")
     if args.random_init and not args.arch:
         raise SystemExit("--random-init: needs --arch NAME")
+    grid = grid_of(args)  # refused points stop here, before anything is built
+    inits = parse_inits(getattr(args, "neg_query_inits", "neg_identity"))
     seeds = parse_seeds(args.seeds)
     rows: List[dict] = []
     use_data = args.data_bin and not args.random_tokens
+    if grid is not None and args.checkpoint:
+        raise SystemExit("--lambda-pos/--lambda-neg: a grid is measured with --pure-attention or --arch ... --random-init, "
+                         "not on trained --checkpoint files (their lambdas are what training made them)")
 
     if args.pure_attention:
-        for t in parse_types(args.attention_types):
+        settings = settings_for(parse_types(args.attention_types), grid, inits)
+        if grid is not None and not any(s.lambda_pos is not None for s in settings):
+            raise SystemExit("--lambda-pos/--lambda-neg: the grid is for daGPAM; add dagpam to --attention-types")
+        for setting in settings:
             for seed in seeds:
-                print(f"| pure attention: {t}, seed {seed}, depth {args.depth}", flush=True)
-                for r in measure_pure(t, args.depth, args.dim, args.heads, args.tokens, args.batch_size, seed, args.norm):
-                    rows.append(dict(label=t, attention_type=t, seed=seed, **r))
+                print(f"| pure attention: {setting.label}, seed {seed}, depth {args.depth}", flush=True)
+                layers_options = setting.options() if setting.attention_type == "dagpam" else None
+                for r in measure_pure(setting.attention_type, args.depth, args.dim, args.heads, args.tokens,
+                                      args.batch_size, seed, args.norm, layers_options):
+                    rows.append(dict(label=setting.label, attention_type=setting.attention_type, seed=seed,
+                                     **setting.columns(), **r))
         return rows
 
     jobs = []
     if args.checkpoint:
         for path in args.checkpoint:
-            jobs.append(("checkpoint", path))
+            jobs.append(("checkpoint", path, None))
     else:
-        jobs = [("random", t) for t in parse_types(args.attention_types)]
-    for kind, what in jobs:
+        settings = settings_for(parse_types(args.attention_types), grid, inits)
+        if grid is not None and not any(s.lambda_pos is not None for s in settings):
+            raise SystemExit("--lambda-pos/--lambda-neg: the grid is for daGPAM; add dagpam to --attention-types")
+        jobs = [("random", s.attention_type, s) for s in settings]
+    for kind, what, setting in jobs:
         for seed in seeds:
             if kind == "checkpoint":
                 model, task, attention_type = load_checkpoint(what, args.data_bin)
                 label = attention_type
             else:
-                model, task = build_random_model(args.arch, args.task, what, shlex.split(args.fairseq_args), args.data_bin,
-                                                 args.vocab, seed)
-                attention_type = label = what
+                extra = shlex.split(args.fairseq_args) + (setting.fairseq_flags() if what == "dagpam" else [])
+                model, task = build_random_model(args.arch, args.task, what, extra, args.data_bin, args.vocab, seed)
+                attention_type, label = what, setting.label
             print(f"| {label}: {what if kind == 'checkpoint' else args.arch}, seed {seed}", flush=True)
             sample = data_sample(task, args.split, args.batch_size) if use_data else \
                 random_sample(task, args.batch_size, args.tokens, seed, language_model=not hasattr(model, "encoder"))
+            columns = fixed_lambdas([model])
             torch.manual_seed(seed)
             for r in measure_model(model.float(), sample, task.target_dictionary.pad(), args.norm):
-                rows.append(dict(label=label, attention_type=attention_type, seed=seed, **r))
+                rows.append(dict(label=label, attention_type=attention_type, seed=seed, **columns, **r))
     return rows
 
 
 def main(argv=None) -> None:
     args = get_parser().parse_args(argv)
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
+    measures = bool(args.checkpoint or args.random_init or args.pure_attention)
+    grid = grid_of(args)  # refused points stop here, before the checkpoints are read
+    marks = parse_marks(args.mark, grid) if (args.mark and grid) else (default_marks(grid) if grid else None)
+    trained = trained_lambdas(args.trained_lambda) if args.trained_lambda else []
+    if trained:
+        write_csv(trained, args.out_prefix + "_trained_lambda.csv", TRAINED_FIELDS)
+        print("\n".join(summarise_trained(trained)))
+        print(f"| wrote {args.out_prefix}_trained_lambda.csv ({len(trained)} rows)")
+        if not measures:
+            return
     rows = run(args)
     write_csv(rows, args.out_prefix + ".csv")
     what = "pure attention stacks" if args.pure_attention else ("trained checkpoints" if args.checkpoint else f"{args.arch} at init")
-    plot(rows, args.out_prefix + ".png", title=f"{what}, {args.norm} residual, seeds {args.seeds}")
-    print(f"| wrote {args.out_prefix}.csv ({len(rows)} rows) and {args.out_prefix}.png")
-
+    title = f"{what}, {args.norm} residual, seeds {args.seeds}"
+    if grid is None:
+        plot(rows, args.out_prefix + ".png", title=title)
+        print(f"| wrote {args.out_prefix}.csv ({len(rows)} rows) and {args.out_prefix}.png")
+        return
+    shown = [r for r in rows if r.get("lambda_pos") in (None, "") or (r["lambda_pos"], r["lambda_neg"]) in marks]
+    plot(shown, args.out_prefix + ".png", title=f"{title}: marked lambda points", facet="neg_query_init")
+    summary = summarise_grid(rows)
+    write_csv(summary, args.out_prefix + "_map.csv", MAP_FIELDS)
+    layers_spec = [x.strip() for x in args.map_layers.split(",") if x.strip()]
+    print("\n".join(map_tables(summary, layers_spec, reference_summary(rows))))
+    plot_map(summary, args.out_prefix + "_map.png", layers_spec, trained, title=title)
+    print(f"| wrote {args.out_prefix}.csv ({len(rows)} rows), {args.out_prefix}.png, {args.out_prefix}_map.csv "
+          f"({len(summary)} rows) and {args.out_prefix}_map.png")

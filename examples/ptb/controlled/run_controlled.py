@@ -10,6 +10,7 @@ checkpoints (the first --analysis-batch sentences of the valid split). It writes
 
     results.md, results.csv     perplexity per attention type (+ parameters, time, collapse figures)
     collapse.csv, collapse.png  residual ratio, cosine similarity, ||dL/dW_Q|| per layer and type
+    trained_lambda.csv          with --extra-train-args "--gpam-trainable-lambda ...": daGPAM's learned lambdas
     ckpt/<type>/, logs/<type>.{train,eval}.log
 
 Data: --data-bin from the PTB recipe (examples/ptb/, fairseq-preprocess --only-source), or
@@ -227,6 +228,13 @@ def main(argv=None):
     collapse_analysis.write_csv(rows, os.path.join(out, "collapse.csv"))
     collapse_analysis.plot(rows, os.path.join(out, "collapse.png"),
                           title=f"trained {size['layers']}-layer LMs ({size_name} size), valid batch")
+    # daGPAM trained with --gpam-trainable-lambda: its learned lambdas, per module or head
+    trained = [r for ckpt in checkpoints for r in collapse_analysis.read_trained_lambdas(ckpt)]
+    if trained:
+        collapse_analysis.write_csv(trained, os.path.join(out, "trained_lambda.csv"), collapse_analysis.TRAINED_FIELDS)
+        print("\n".join(collapse_analysis.summarise_trained(trained)))
+        print(f"| wrote {out}/trained_lambda.csv (the learned lambdas; scripts/analyze_collapse.py --trained-lambda "
+              f"{out} marks them on the lambda map)", flush=True)
     last = {r["attention_type"]: r for r in rows if int(r["layer"]) == size["layers"]}
     for r in results:
         lr = last.get(r["attention_type"], {})
