@@ -269,8 +269,8 @@ def test_wrong_bytes_through_the_stage_exit_2_nothing_kept(server, tmp_path, mon
     code, _, err = run_prepare("ptb", tmp_path, monkeypatch, capsys)
     line = one_line_error(err)
     assert code == 2
-    assert (f"ptb.valid.txt: no source delivered it: {server.url}/ptb/ptb.valid.txt (wrong bytes: size "
-            f"{len(texts['valid']) - 5:,} bytes, expected {len(texts['valid']):,})") in line, line
+    assert (f"ptb.valid.txt: no source delivered it: {server.url}/ptb/ptb.valid.txt (wrong bytes: the server "
+            f"announces {len(texts['valid']) - 5:,} bytes, expected {len(texts['valid']):,})") in line, line
     orig = tmp_path / "data" / "orig"
     assert (orig / "ptb.train.txt").exists() and not (orig / "ptb.valid.txt").exists()
     assert not (orig / "ptb.valid.txt.part").exists()

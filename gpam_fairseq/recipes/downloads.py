@@ -29,7 +29,9 @@ from typing import Optional, Tuple
 
 from gpam_fairseq.recipes.common import RecipeError, env, env_int, say
 
-USER_AGENT = "gpam_fairseq-recipes/0.1 (+https://github.com/; python-urllib)"
+# Some hosts answer Python's default agent ("Python-urllib/3.x") with 403 (wikitext.smerity.com
+# does, as public reports say); a browser-compatible agent that still names us.
+USER_AGENT = "Mozilla/5.0 (compatible; gpam_fairseq-recipes/0.1)"
 TRUST_FILE = "trusted-checksums.json"
 BLOCK = 1 << 20
 _HTML_STARTS = (b"<!doctype html", b"<html", b"<head", b"<!--", b"<?xml version=\"1.0\" encoding=\"utf-8\"?>\n<!doctype html")
@@ -177,6 +179,10 @@ class HTMLInsteadOfFile(Exception):
     pass
 
 
+class WrongLength(Exception):
+    """The server announces another length than the file's published size: not the file."""
+
+
 class _PermanentHTTPError(Exception):
     """An HTTP status no retry will change (403, 404, ...)."""
 
@@ -230,6 +236,8 @@ def _transfer(url, part, expected_size, timeout, show_progress):
         first = resp.read(min(BLOCK, 64 * 1024))
         if done == 0 and looks_like_html(first, resp.headers.get("Content-Type", "")):
             raise HTMLInsteadOfFile(_html_reason(resp.geturl(), first))
+        if mode == "wb" and expected_size is not None and total != expected_size:  # refused before any byte is saved
+            raise WrongLength(f"the server announces {total:,} bytes, expected {expected_size:,}")
         from tqdm import tqdm
 
         with open(part, mode) as out, tqdm(total=total, initial=done, unit="B", unit_scale=True, unit_divisor=1024,
@@ -282,6 +290,11 @@ def fetch(src: SourceFile, dest: str, mirrors=(), trust: Optional[TrustStore] = 
                 _transfer(url, part, src.size, timeout, show_progress)
             except _PermanentHTTPError as e:
                 error = str(e)
+                break
+            except WrongLength as e:
+                if os.path.exists(part):
+                    os.remove(part)
+                error = f"wrong bytes: {e}"
                 break
             except HTMLInsteadOfFile as e:
                 if os.path.exists(part):
