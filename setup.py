@@ -25,6 +25,7 @@ setup(
         "tensorboard",  # fairseq's --tensorboard-logdir
         "matplotlib",  # PNG figures of the comparison, analysis and benchmark scripts
         "scipy",  # compare_runs.py's paired t-test over seeds (already installed with fairseq's scikit-learn)
+        "tqdm",  # the recipes' download progress (already installed with fairseq)
     ],
     extras_require={
         # fairscale: fairseq's --ddp-backend fully_sharded, whose GPU test and CPU error

@@ -433,7 +433,8 @@ def test_wikitext103_all_stages_default_size_adaptive_inputs(tmp_path):
         "--adaptive-input-cutoff 20,40 --adaptive-softmax-cutoff 20,40 --tokens-per-sample 32 --max-tokens 512 "
         "--warmup-updates 2 --no-epoch-checkpoints --log-interval 2"),
         EVAL_ARGS="--tokens-per-sample 32 --context-window 16 --softmax-batch 64")
-    run_stage("wikitext103", "prepare", env, "--archive", str(archive))
+    # a fixture, not the published wikitext-103-v1.zip: --no-verify (provenance records it so)
+    run_stage("wikitext103", "prepare", env, "--archive", str(archive), "--no-verify")
     prep = tmp_path / "data" / "prepared"
     assert read(prep / "test.txt")[1].startswith(" = ")  # the wikitext layout, unchanged
     run_stage("wikitext103", "preprocess", env)
@@ -446,6 +447,9 @@ def test_wikitext103_all_stages_default_size_adaptive_inputs(tmp_path):
     assert "adaptive_loss" in cmd and "--ddp-backend" in cmd
     result = json.loads((run_dir / "run.json").read_text())
     assert result["attention_type"] == "dagpam" and result["task"] == "language_modeling"
+    (used,) = result["data_provenance"]["files"]  # the bytes the run trained on, recorded in its run folder
+    assert used["file"] == "wikitext-103-v1.zip" and used["origin"] == str(archive) and used["verified"] == "no (--no-verify)"
+    assert used["sha256"] == __import__("hashlib").sha256(archive.read_bytes()).hexdigest()
     assert 1 < result["perplexity"] < 1000 and result["params"] > 0 and result["num_updates"] == 3
     inference = result["inference"]
     assert inference["tool"] == "fairseq-eval-lm" and inference["tokens"] > 0 and inference["tokens_per_s"] > 0
@@ -474,7 +478,7 @@ def test_wmt14_icml17_prepare_and_preprocess(tmp_path):
         "test-full/newstest2014-deen-src.en.sgm": seg_file([p[1] for p in test], "srcset", "en"),
         "test-full/newstest2014-deen-ref.de.sgm": seg_file([p[0] for p in test], "refset", "de")})
     env = dirs_env(tmp_path)
-    run_stage("wmt14_en_de", "prepare", env, *archives, "--archive", str(tmp_path / "test-full.tgz"))
+    run_stage("wmt14_en_de", "prepare", env, *archives, "--archive", str(tmp_path / "test-full.tgz"), "--no-verify")
     prep = tmp_path / "data" / "prepared"
     assert len(read(prep / "valid.en")) == 450 // 100 and len(read(prep / "test.de")) == 12
     assert read(prep / "test.raw.de") == [p[0] for p in test]  # untokenised references for sacreBLEU
@@ -513,7 +517,7 @@ def test_enwik8_prepare_and_preprocess(tmp_path):
     with zipfile.ZipFile(archive, "w") as z:
         z.writestr("enwik8", data)
     env = dirs_env(tmp_path, ENWIK8_HELDOUT_BYTES="500")
-    run_stage("enwik8", "prepare", env, "--archive", str(archive))
+    run_stage("enwik8", "prepare", env, "--archive", str(archive), "--no-verify")
     prep = tmp_path / "data" / "prepared"
     # prep_enwik8.py: one token per byte (its value), newlines end lines; last 2 x 500 bytes held out
     tokens = {s: [list(map(int, line.split())) for line in read(prep / f"{s}.txt")] for s in ("train", "valid", "test")}
@@ -530,7 +534,7 @@ def test_ptb_prepare_and_preprocess_from_text_files(tmp_path):
     for split, n in (("train", 50), ("valid", 5), ("test", 5)):
         (raw / f"ptb.{split}.txt").write_text("".join(f" the <unk> company said N {i} \n" for i in range(n)))
     env = dirs_env(tmp_path)
-    run_stage("ptb", "prepare", env, "--raw-dir", str(raw))
+    run_stage("ptb", "prepare", env, "--raw-dir", str(raw), "--no-verify")
     assert read(tmp_path / "data" / "prepared" / "valid.txt") == read(raw / "ptb.valid.txt")
     run_stage("ptb", "preprocess", env)
     assert "company 50" in (tmp_path / "data" / "data-bin" / "dict.txt").read_text().splitlines()

@@ -10,6 +10,8 @@ Settings come from environment variables, so that one command line serves every 
                                      MODEL=baseline_params matches their parameters; baseline(_maps) ignore them
     EVAL_ARGS                        extra fairseq-generate / fairseq-eval-lm arguments
     NGPUS, UPDATE_FREQ, FP16=auto|0|1, AVERAGE=N, WORKERS, FORCE=1 (redo a finished stage)
+    DOWNLOAD_RETRIES=4, DOWNLOAD_BACKOFF_S=2, DOWNLOAD_TIMEOUT_S=60, DOWNLOAD_USER_AGENT, DOWNLOAD_PROGRESS=1
+                                     the prepare stage's downloads (attempts per source, first wait, read timeout)
 """
 
 import argparse
@@ -17,6 +19,7 @@ import glob
 import json
 import os
 import re
+import shutil
 import sys
 
 from gpam_fairseq.fairseq_tools import (REPO_ROOT, USER_DIR, fairseq_cli, log_records, parse_training_log,
@@ -100,17 +103,39 @@ def stage_prepare(s, argv):
     p.add_argument("--archive", action="append", default=[], metavar="PATH",
                    help="an already-downloaded source archive (repeat for several); used instead of downloading")
     p.add_argument("--raw-dir", metavar="DIR", help="a folder holding the downloaded source files under their usual names")
+    p.add_argument("--mirror", action="append", default=[], metavar="URL",
+                   help="try URL/<file> before the built-in sources (repeat for several; a lab's cache or mirror)")
+    p.add_argument("--only-mirrors", action="store_true",
+                   help="download from the --mirror URLs only, never from the built-in sources (an air-gapped cluster)")
+    p.add_argument("--list-sources", action="store_true",
+                   help="print what would be downloaded (file, size, checksum, sources) and exit")
+    p.add_argument("--json", action="store_true", help="with --list-sources: a JSON list of {file, size, sha256|sha1|md5, urls}")
+    p.add_argument("--no-verify", action="store_true",
+                   help="use files whose size or checksum differ from the published ones (provenance marks them unverified)")
     args = p.parse_args(argv)
+    from gpam_fairseq.recipes import sources as recipe_sources
+
+    if args.list_sources:
+        from gpam_fairseq.recipes.downloads import TrustStore
+
+        files = recipe_sources.downloads(s.recipe.name, s.setup)
+        trust = TrustStore(os.path.join(s.data_dir, "orig"))  # sha256 recorded on first use, where there is one
+        print(json.dumps([f.as_json(trust) for f in files], indent=1) if args.json else recipe_sources.table(files, trust))
+        return
+    if args.json:
+        raise RecipeError("--json: only with --list-sources")
     if is_done(s.prepared, "prepare"):
         say(f"[prepare] already done: {s.prepared} (FORCE=1 redoes it)")
         return
     from gpam_fairseq.recipes.preparation import Sources
 
     say(f"[prepare] {s.recipe.name}{' (' + s.setup + ')' if s.setup else ''} -> {s.prepared}")
-    sources = Sources(os.path.join(s.data_dir, "orig"), args.archive, args.raw_dir)
+    sources = Sources(os.path.join(s.data_dir, "orig"), args.archive, args.raw_dir, args.mirror,
+                      verify=not args.no_verify, only_mirrors=args.only_mirrors)
     prepare_for(s.recipe, s.setup)(s.data_dir, sources)
+    provenance = sources.write_provenance(s.prepared, recipe=s.recipe.name, setup=s.setup)
     mark_done(s.prepared, "prepare")
-    say(f"[prepare] done: {s.prepared}")
+    say(f"[prepare] done: {s.prepared} (what was used: {provenance})")
 
 
 def stage_preprocess(s, argv):
@@ -179,12 +204,32 @@ def stage_train(s, argv):
     say(f"  effective batch: {s.size.gpu_steps} GPU-steps per update in the official recipe; {max(gpus, 1)} "
         f"{'GPU' if gpus else 'CPU process'}(s) x --update-freq {update_freq} = {max(gpus, 1) * update_freq}")
     os.makedirs(s.run_dir, exist_ok=True)
+    record_data_provenance(s)
     log = os.path.join(s.run_dir, "train.log")
     if os.path.exists(log):  # a resumed run: keep the earlier log, fairseq resumes from checkpoint_last.pt
         os.replace(log, os.path.join(s.run_dir, f"train.{len(glob.glob(os.path.join(s.run_dir, 'train.*.log')))}.log"))
     run_cli("fairseq-train", cmd, log, echo=training_progress(s.run_name))
     mark_done(s.run_dir, "train", {"command": cmd[1:], **({"control": control} if control else {})})
     say(f"[train] done: checkpoints in {s.save_dir}, logs and tensorboard in {s.run_dir}")
+
+
+DATA_PROVENANCE = "data_provenance.json"
+
+
+def record_data_provenance(s):
+    """The prepared data's provenance (file names, sizes, sha256 of the sources used), copied into
+    the run folder: which bytes a run trained on stays with the run."""
+    src = os.path.join(s.prepared, "provenance.json")
+    if os.path.exists(src):
+        shutil.copyfile(src, os.path.join(s.run_dir, DATA_PROVENANCE))
+
+
+def read_data_provenance(run_dir):
+    path = os.path.join(run_dir, DATA_PROVENANCE)
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
 
 
 def training_figures(run_dir):
@@ -347,6 +392,7 @@ def stage_evaluate(s, argv):
               "train_command": train_info.get("command"), **training_figures(s.run_dir)}
     if train_info.get("control"):
         result["control"] = train_info["control"]
+    result["data_provenance"] = read_data_provenance(s.run_dir)
     if s.recipe.task == "translation":
         evaluate_translation(s, ckpt, result)
     else:
@@ -377,5 +423,6 @@ def main(recipe_name, stage, argv=None):
         settings = Settings(RECIPES[recipe_name])
         {"prepare": stage_prepare, "preprocess": stage_preprocess, "train": stage_train,
          "evaluate": stage_evaluate}[stage](settings, argv)
-    except RecipeError as e:
-        sys.exit(f"{recipe_name}/{stage}: {e}")
+    except RecipeError as e:  # one line, exit status 2, like fairseq's own usage errors
+        print(f"{recipe_name}/{stage}: {e}", file=sys.stderr)
+        sys.exit(2)
