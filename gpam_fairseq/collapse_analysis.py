@@ -798,6 +798,8 @@ def plot_map(summary: List[dict], path: str, layers_spec: Sequence[str], trained
                         if v == v:
                             grid[i, j] = math.log10(max(v, 1e-300))
             cmap = plt.get_cmap("viridis").with_extremes(bad="#d0d0d0")
+            if limits and np.isfinite(grid).any():  # ratios: down to the floor in pure stacks, near 1 with residuals
+                limits = (max(min(math.floor(np.nanmin(grid)), -1), limits[0]), limits[1])
             vmin, vmax = limits or ((1, last + 1) if collapse_panel else (np.nanmin(grid), np.nanmax(grid)))
             image = ax.imshow(grid, origin="lower", cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
             fig.colorbar(image, ax=ax, label="layer" if collapse_panel else "log10", fraction=0.046)
@@ -895,6 +897,9 @@ def get_parser() -> argparse.ArgumentParser:
                       help="layers whose residual ratio the heat maps show, 'last' = the last layer (default 2,4,last)")
     grid.add_argument("--mark", help="LAMBDA_POS:LAMBDA_NEG points whose per-layer curves PREFIX.png draws (default: "
                                      "0.2:0.2, the grid's points with lambda+ = lambda-, and per lambda+ its largest lambda-)")
+    grid.add_argument("--from-csv", metavar="CSV",
+                      help="measure nothing: draw PREFIX.png and the map (PREFIX_map.csv/png) again from the PREFIX.csv "
+                           "of an earlier grid run (other --map-layers, --mark or --trained-lambda)")
     grid.add_argument("--trained-lambda", nargs="+", metavar="PATH",
                       help="checkpoints or run folders (a --save-dir, a recipe run folder, the PTB controlled run's "
                            "--out-dir) whose trainable lambdas are marked on the heat maps and written to "
@@ -999,29 +1004,44 @@ def main(argv=None) -> None:
     args = get_parser().parse_args(argv)
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
     measures = bool(args.checkpoint or args.random_init or args.pure_attention)
-    grid = grid_of(args)  # refused points stop here, before the checkpoints are read
+    if args.from_csv:
+        if measures or args.lambda_pos is not None or args.lambda_neg is not None:
+            raise SystemExit("--from-csv: draws an earlier grid run again; give no --checkpoint, --arch, "
+                             "--pure-attention, --lambda-pos or --lambda-neg with it")
+        with open(args.from_csv, newline="") as f:
+            rows = list(csv.DictReader(f))
+        grid = sorted({(float(r["lambda_pos"]), float(r["lambda_neg"])) for r in rows
+                       if r.get("attention_type") == "dagpam" and r.get("lambda_pos")})
+        if not grid:
+            raise SystemExit(f"--from-csv: {args.from_csv} has no daGPAM rows with lambda_pos/lambda_neg (not a grid run)")
+    else:
+        grid = grid_of(args)  # refused points stop here, before the checkpoints are read
     marks = parse_marks(args.mark, grid) if (args.mark and grid) else (default_marks(grid) if grid else None)
     trained = trained_lambdas(args.trained_lambda) if args.trained_lambda else []
     if trained:
         write_csv(trained, args.out_prefix + "_trained_lambda.csv", TRAINED_FIELDS)
         print("\n".join(summarise_trained(trained)))
         print(f"| wrote {args.out_prefix}_trained_lambda.csv ({len(trained)} rows)")
-        if not measures:
+        if not measures and not args.from_csv:
             return
-    rows = run(args)
-    write_csv(rows, args.out_prefix + ".csv")
-    what = "pure attention stacks" if args.pure_attention else ("trained checkpoints" if args.checkpoint else f"{args.arch} at init")
-    title = f"{what}, {args.norm} residual, seeds {args.seeds}"
+    if args.from_csv:
+        title = f"{args.from_csv}, seeds {','.join(sorted({r['seed'] for r in rows}, key=int))}"
+    else:
+        rows = run(args)
+        write_csv(rows, args.out_prefix + ".csv")
+        what = "pure attention stacks" if args.pure_attention else ("trained checkpoints" if args.checkpoint else f"{args.arch} at init")
+        title = f"{what}, {args.norm} residual, seeds {args.seeds}"
     if grid is None:
         plot(rows, args.out_prefix + ".png", title=title)
         print(f"| wrote {args.out_prefix}.csv ({len(rows)} rows) and {args.out_prefix}.png")
         return
-    shown = [r for r in rows if r.get("lambda_pos") in (None, "") or (r["lambda_pos"], r["lambda_neg"]) in marks]
+    shown = [r for r in rows if r.get("lambda_pos") in (None, "") or (float(r["lambda_pos"]), float(r["lambda_neg"])) in marks]
     plot(shown, args.out_prefix + ".png", title=f"{title}: marked lambda points", facet="neg_query_init")
     summary = summarise_grid(rows)
     write_csv(summary, args.out_prefix + "_map.csv", MAP_FIELDS)
     layers_spec = [x.strip() for x in args.map_layers.split(",") if x.strip()]
     print("\n".join(map_tables(summary, layers_spec, reference_summary(rows))))
     plot_map(summary, args.out_prefix + "_map.png", layers_spec, trained, title=title)
-    print(f"| wrote {args.out_prefix}.csv ({len(rows)} rows), {args.out_prefix}.png, {args.out_prefix}_map.csv "
-          f"({len(summary)} rows) and {args.out_prefix}_map.png")
+    written = "" if args.from_csv else f"{args.out_prefix}.csv ({len(rows)} rows), "
+    print(f"| wrote {written}{args.out_prefix}.png, {args.out_prefix}_map.csv ({len(summary)} rows) and "
+          f"{args.out_prefix}_map.png")

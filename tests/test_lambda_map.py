@@ -72,6 +72,12 @@ def test_pure_grid_every_point_reaches_the_math(tmp_path):
     assert all(float(r["row_sum"]) > 0 for r in summary)
     for png in (prefix + ".png", prefix + "_map.png"):
         assert os.path.getsize(png) > 10_000
+    # --from-csv draws the same map again from the CSV alone
+    again = str(tmp_path / "again")
+    ac.main(["--from-csv", prefix + ".csv", "--out-prefix", again])
+    with open(prefix + "_map.csv") as f, open(again + "_map.csv") as g:
+        assert f.read() == g.read()
+    assert os.path.getsize(again + "_map.png") > 10_000
 
 
 def test_arch_grid_reaches_the_model(tmp_path):
