@@ -816,10 +816,12 @@ def plot_map(summary: List[dict], path: str, layers_spec: Sequence[str], trained
             ps = np.linspace(pos[0], pos[-1], 200) if len(pos) > 1 else np.array(pos)
             ax.plot([_grid_position(neg, 1 + p) for p in ps], [_grid_position(pos, p) for p in ps],
                     color="red", linewidth=1, label="lambda- = 1 + lambda+")
-            if trained:
-                ax.scatter([_grid_position(neg, r["lambda_neg"]) for r in trained],
-                           [_grid_position(pos, r["lambda_pos"]) for r in trained],
-                           s=14, c="white", edgecolors="black", linewidths=0.6, zorder=5, label="trained lambda")
+            for ckpt, marker in zip(dict.fromkeys(r["checkpoint"] for r in trained), "os^Dv<>p"):
+                mine = [r for r in trained if r["checkpoint"] == ckpt]
+                run_name = os.path.join(*os.path.normpath(ckpt).split(os.sep)[-4:-1])  # the run, not the file
+                ax.scatter([_grid_position(neg, r["lambda_neg"]) for r in mine],
+                           [_grid_position(pos, r["lambda_pos"]) for r in mine], marker=marker,
+                           s=14, c="white", edgecolors="black", linewidths=0.6, zorder=5, label=f"trained lambda: {run_name}")
             ax.set_xlim(-0.5, len(neg) - 0.5)
             ax.set_ylim(-0.5, len(pos) - 0.5)
             ax.set_xticks(range(len(neg)))
@@ -829,7 +831,7 @@ def plot_map(summary: List[dict], path: str, layers_spec: Sequence[str], trained
             ax.set_xlabel("lambda-")
             ax.set_ylabel("lambda+")
             ax.set_title(f"{name}\nW_Q- {facet[0]}, {facet[1]}", fontsize=8)
-        row_axes[0].legend(fontsize=6, loc="upper left")
+        row_axes[0].legend(fontsize=6, loc="lower right")  # over the invalid corner
     if title:
         fig.suptitle(title)
     fig.tight_layout()
