@@ -35,13 +35,14 @@ def _quiet_first_fairseq_import():
 
 
 with _quiet_first_fairseq_import():
-    from gpam_fairseq import checkpoint_glue, cli_errors
+    from gpam_fairseq import checkpoint_glue, cli_errors, precision
     from gpam_fairseq.compat import allow_fairseq_checkpoints, restore_numpy_compat_long
 
     allow_fairseq_checkpoints()
     restore_numpy_compat_long()  # fairseq-fixed's LM datasets under NumPy 2
     cli_errors.install()  # a bad option or checkpoint ends a program with one line, not a traceback
     checkpoint_glue.install()  # fairseq's checkpoint loads diagnosed, its saves atomic
+    precision.install()  # --bf16 as bf16 autocast on CPUs and GPUs; --fp16/--amp refused on a CPU in one line
 
     # fairseq auto-imports models/ only when --user-dir is the first import of this package
     from gpam_fairseq.models import transformer_gpam, transformer_lm_gpam  # noqa: F401

@@ -11,9 +11,10 @@ its output grows like T and its q_proj.bias gradient (a sum over the T queries) 
 causal rows: 8.8e4 at 1,024 tokens, 3.5e5 at 2,048, past fp16's 65,504 (at 2,048 also its
 k_proj/v_proj weight gradients and unnormalized's q_proj.bias gradient, 1.7e5). Every entry
 whose exact value (the fp32 computation) is representable must come out finite. The whole NMT model trains a step under bf16 autocast and in ``model.half()``,
-and fairseq-train runs with ``--memory-efficient-fp16`` (the only fairseq fp16 mode on a
-CPU; ``--fp16`` needs CUDA and ``--bf16`` is broken in fairseq-fixed: it sets tpu=True) without its
-loss scale collapsing. The GPU counterparts are in ``scripts/gpu_checks.py``.
+and fairseq-train runs with ``--memory-efficient-fp16`` without its loss scale collapsing
+(``--bf16`` through the console scripts: tests/test_bf16.py). The recipes' ``PRECISION`` variable
+chooses the fairseq-train and decoding flags by device. The GPU counterparts are in
+``scripts/gpu_checks.py``.
 """
 
 import copy
@@ -229,3 +230,44 @@ def test_fairseq_train_memory_efficient_fp16_on_cpu(tmp_path):
     print(f"\n--memory-efficient-fp16 on CPU: losses {losses}, loss scales {scales}")
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
     assert min(scales) >= 1.0  # fairseq starts at 128 and halves on overflow; it must not collapse
+
+
+@pytest.mark.parametrize("setting,cuda,expected", [
+    ({}, None, "fp32"),  # the CPU
+    ({"NGPUS": "1"}, (True, True), "bf16"),  # a GPU with bf16 arithmetic (A100, H100)
+    ({"NGPUS": "1"}, (True, False), "fp16"),  # an older GPU (V100)
+    ({"NGPUS": "2"}, (False, False), "fp16"),  # GPUs announced, none visible here (as before: --fp16)
+    ({"PRECISION": "amp"}, None, "amp"),
+    ({"PRECISION": "bf16"}, None, "bf16"),
+    ({"FP16": "1"}, None, "fp16"), ({"NGPUS": "1", "FP16": "0"}, (True, True), "fp32"),  # the older variable
+])
+def test_recipe_precision_variable(setting, cuda, expected, monkeypatch, tmp_path):
+    from gpam_fairseq.fairseq_tools import parse_training_args
+    from gpam_fairseq.recipes.definitions import RECIPES
+    from gpam_fairseq.recipes.stages import DECODING_FLAGS, PRECISION_FLAGS, Settings, precision, train_command
+
+    for name in ("NGPUS", "PRECISION", "FP16"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in setting.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("DATA_DIR", str(tmp_path))
+    if cuda is not None:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda[0])
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: cuda[1])
+    gpus = int(setting.get("NGPUS", 0))
+    assert precision(gpus) == expected
+    cmd = train_command(Settings(RECIPES["iwslt14"]))[0]
+    flags = {"--fp16", "--bf16", "--amp"} & set(cmd)
+    assert flags == set(PRECISION_FLAGS[expected])
+    args, _ = parse_training_args(cmd[2:])
+    assert (args.fp16, args.bf16, args.amp) == (expected == "fp16", expected == "bf16", expected == "amp")
+    assert DECODING_FLAGS[expected] == ([] if expected == "amp" else PRECISION_FLAGS[expected])
+
+
+def test_recipe_precision_refuses_other_values(monkeypatch):
+    from gpam_fairseq.recipes.common import RecipeError
+    from gpam_fairseq.recipes.stages import precision
+
+    monkeypatch.setenv("PRECISION", "fp8")
+    with pytest.raises(RecipeError, match=r"PRECISION=fp8: choose one of fp32, fp16, bf16, amp"):
+        precision(0)
