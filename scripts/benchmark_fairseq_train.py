@@ -14,8 +14,17 @@ of its rounds' figures with their min–max, and its ratio (ours / stock, the me
 per-round ratios) is printed with the min–max of those ratios: one round gives no spread,
 and its ratio is marked as such.
 
-    python scripts/benchmark_fairseq_train.py --pairs iwslt,lm512 --rounds 3   # a GPU
-    python scripts/benchmark_fairseq_train.py --quick                          # CPU smoke run
+Peak memory: every ``fairseq-train`` runs in a child process of this script that calls
+fairseq's own entry point (``fairseq_cli.train.cli_main``) and prints, as its last line, the
+peak CUDA memory allocated over the whole run (``torch.cuda.max_memory_allocated``; fairseq
+resets that counter after every update to log ``gb_free``, rounded to 0.1 GB, so the wrapper
+reads the counter before each reset and keeps the maximum) and the peak resident memory of
+the process (``ru_maxrss``). The table quotes the CUDA figure on a GPU and the resident
+memory on a CPU (where it is mostly Python, torch and fairseq themselves), and says which.
+
+    python scripts/benchmark_fairseq_train.py --pairs iwslt,lm512 --rounds 3                 # a GPU, fp16
+    python scripts/benchmark_fairseq_train.py --pairs iwslt,lm512 --rounds 3 --precision bf16
+    python scripts/benchmark_fairseq_train.py --quick                                        # CPU smoke run
 
 Pairs: ``iwslt`` (transformer_iwslt_de_en / transformer_gpam_iwslt_de_en, --max-tokens 4096),
 ``wmt_big`` (transformer_vaswani_wmt_en_de_big / transformer_gpam_vaswani_wmt_en_de_big,
@@ -26,6 +35,7 @@ per-pair summary first) into ``--out-dir`` and keeps every run's log there.
 
 import argparse
 import csv
+import json
 import os
 import statistics
 import sys
@@ -57,7 +67,11 @@ TINY_NMT = ["--encoder-layers", "1", "--decoder-layers", "1", "--encoder-embed-d
 TINY_LM = ["--decoder-layers", "1", "--decoder-embed-dim", "32", "--decoder-ffn-embed-dim", "64",
            "--decoder-attention-heads", "2"]
 FIELDS = ("pair", "precision", "round", "arch", "updates", "records", "median_wps", "min_wps", "max_wps",
-          "ratio_to_stock", "wall_s")
+          "ratio_to_stock", "peak_mib", "peak_kind", "mem_ratio_to_stock", "cuda_peak_mib", "max_rss_mib", "wall_s")
+PRECISION_FLAGS = {"fp32": [], "fp16": ["--fp16"], "memory-efficient-fp16": ["--memory-efficient-fp16"],
+                   "bf16": ["--bf16"]}
+# the line the fairseq-train wrapper (fairseq_train_with_peak_memory) prints last
+PEAK_MARKER = "peak_memory | "
 
 
 def log(msg):
@@ -122,35 +136,96 @@ def steady_wps(text, discard_updates):
     return statistics.median(kept), min(kept), max(kept), len(kept), int(records[-1]["num_updates"])
 
 
+def peak_memory(text):
+    """The wrapper's last line: {"cuda_peak_mib": float or None, "max_rss_mib": float}."""
+    lines = [line for line in text.splitlines() if line.startswith(PEAK_MARKER)]
+    if not lines:
+        raise SystemExit("error: the fairseq-train wrapper printed no peak memory line; see the run's log")
+    return json.loads(lines[-1][len(PEAK_MARKER):])
+
+
+def keep_peak_across_resets(cuda):
+    """Make cuda.reset_peak_memory_stats() keep the peak it erases; returns a function giving the
+    peak allocated since this call. fairseq's trainer resets CUDA's peak counter after every
+    update (to log gb_free per update), which would leave only the last update's peak."""
+    kept = [cuda.max_memory_allocated()]
+    reset = cuda.reset_peak_memory_stats
+
+    def reset_keeping_the_peak(device=None):
+        kept[0] = max(kept[0], cuda.max_memory_allocated(device))
+        reset(device)
+
+    cuda.reset_peak_memory_stats = reset_keeping_the_peak
+    return lambda: max(kept[0], cuda.max_memory_allocated())
+
+
+def fairseq_train_with_peak_memory(argv):
+    """Run fairseq-train (fairseq_cli.train.cli_main) in this process with argv, then print its
+    peak memory as the last line (PEAK_MARKER + JSON)."""
+    import resource
+
+    import torch
+
+    cuda = torch.cuda.is_available() and "--cpu" not in argv
+    run_peak = keep_peak_across_resets(torch.cuda) if cuda else None
+    # fairseq_cli.train configures the root logger (fairseq's "date | INFO | name | message" lines on
+    # stdout, which steady_wps parses) only if it has no handler yet; importing fairseq above (through
+    # gpam_fairseq) already gave it Python's default one
+    import logging
+
+    for handler in list(logging.getLogger().handlers):
+        logging.getLogger().removeHandler(handler)
+    from fairseq_cli import train
+
+    sys.argv = ["fairseq-train", *argv]
+    try:
+        train.cli_main()
+    finally:
+        peak = {"cuda_peak_mib": run_peak() / 2**20 if cuda else None,
+                # ru_maxrss: KiB on Linux
+                "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        print(PEAK_MARKER + json.dumps(peak), flush=True)
+
+
 def summarise(rows):
-    """Per pair: the median of the round medians (min–max) of both architectures, and the
-    median (min–max) of the per-round ratios."""
+    """Per pair: the median of the round medians (min–max) of both architectures, the median
+    (min–max) of the per-round ratios, and the same for the peak memory."""
     out = []
     for pair in dict.fromkeys(r["pair"] for r in rows):
         runs = [r for r in rows if r["pair"] == pair]
         stock = [r for r in runs if r["arch"] == runs[0]["arch"]]
         ours = [r for r in runs if r["arch"] != runs[0]["arch"]]
-        ratios = [r["ratio_to_stock"] for r in ours]
-        med = lambda rs: statistics.median(r["median_wps"] for r in rs)
-        out.append(dict(pair=pair, rounds=len(ours), stock_arch=stock[0]["arch"], our_arch=ours[0]["arch"],
-                        stock_wps=med(stock), stock_min=min(r["median_wps"] for r in stock),
-                        stock_max=max(r["median_wps"] for r in stock), our_wps=med(ours),
-                        our_min=min(r["median_wps"] for r in ours), our_max=max(r["median_wps"] for r in ours),
-                        ratio=statistics.median(ratios), ratio_min=min(ratios), ratio_max=max(ratios)))
+        summary = dict(pair=pair, rounds=len(ours), stock_arch=stock[0]["arch"], our_arch=ours[0]["arch"],
+                       peak_kind=runs[0]["peak_kind"])
+        # (median key, its min/max prefix, the runs, the field of each run)
+        for median, prefix, rs, field in (("stock_wps", "stock", stock, "median_wps"),
+                                          ("our_wps", "our", ours, "median_wps"),
+                                          ("ratio", "ratio", ours, "ratio_to_stock"),
+                                          ("stock_mem", "stock_mem", stock, "peak_mib"),
+                                          ("our_mem", "our_mem", ours, "peak_mib"),
+                                          ("mem_ratio", "mem_ratio", ours, "mem_ratio_to_stock")):
+            values = [r[field] for r in rs]
+            summary[median] = statistics.median(values)
+            summary[prefix + "_min"], summary[prefix + "_max"] = min(values), max(values)
+        out.append(summary)
     return out
 
 
-def ratio_text(s):
+def ratio_text(s, key="ratio"):
     if s["rounds"] < 2:
-        return f"{s['ratio']:.3f} (one round: no spread, not a figure to quote)"
-    return f"{s['ratio']:.3f} (rounds {s['ratio_min']:.3f}–{s['ratio_max']:.3f})"
+        return f"{s[key]:.3f} (one round: no spread, not a figure to quote)"
+    return f"{s[key]:.3f} (rounds {s[key + '_min']:.3f}–{s[key + '_max']:.3f})"
+
+
+PEAK_KINDS = {"cuda_max_allocated": "peak CUDA memory allocated (torch.cuda.max_memory_allocated over the whole run)",
+              "process_max_rss": "peak resident memory of the fairseq-train process (ru_maxrss; on a CPU, mostly "
+                                 "Python, torch and fairseq themselves)"}
 
 
 def train_command(data, arch, task_flags, batch_flags, args, extra):
-    precision = {"fp32": [], "fp16": ["--fp16"], "memory-efficient-fp16": ["--memory-efficient-fp16"]}[args.precision]
     cpu = ["--cpu"] if args.device == "cpu" else []
-    return ([sys.executable, "-m", "fairseq_cli.train", data, "--user-dir", USER_DIR, "--arch", arch]
-            + task_flags + batch_flags + precision + cpu + list(extra)
+    return ([sys.executable, os.path.abspath(__file__), "--as-fairseq-train", data, "--user-dir", USER_DIR, "--arch", arch]
+            + task_flags + batch_flags + PRECISION_FLAGS[args.precision] + cpu + list(extra)
             + ["--max-update", str(args.updates), "--max-epoch", "1000", "--disable-validation", "--no-save",
                "--log-format", "json", "--log-interval", str(args.log_interval), "--seed", "1",
                "--num-workers", "0", "--required-batch-size-multiple", "8" if args.device == "cuda" else "1"])
@@ -161,25 +236,34 @@ def markdown(rows, args):
              f"of the train_inner records after update {args.discard_updates}; {args.rounds} interleaved round(s).",
              "", "| pair | rounds | stock arch | stock wps: median (min–max) | daGPAM wps: median (min–max) "
              "| daGPAM / stock: median (min–max of rounds) |", "| --- | ---: | --- | ---: | ---: | ---: |"]
-    for s in summarise(rows):
+    summaries = summarise(rows)
+    for s in summaries:
         lines.append(f"| {s['pair']} | {s['rounds']} | {s['stock_arch']} | {s['stock_wps']:,.0f} "
                      f"({s['stock_min']:,.0f}–{s['stock_max']:,.0f}) | {s['our_wps']:,.0f} "
                      f"({s['our_min']:,.0f}–{s['our_max']:,.0f}) | {ratio_text(s)} |")
+    lines += ["", f"Peak memory, MiB: {PEAK_KINDS[rows[0]['peak_kind']]}.", "",
+              "| pair | rounds | stock: median (min–max) | daGPAM: median (min–max) | daGPAM / stock: median (min–max of rounds) |",
+              "| --- | ---: | ---: | ---: | ---: |"]
+    for s in summaries:
+        lines.append(f"| {s['pair']} | {s['rounds']} | {s['stock_mem']:,.0f} ({s['stock_mem_min']:,.0f}–"
+                     f"{s['stock_mem_max']:,.0f}) | {s['our_mem']:,.0f} ({s['our_mem_min']:,.0f}–{s['our_mem_max']:,.0f}) "
+                     f"| {ratio_text(s, 'mem_ratio')} |")
     lines += ["", "Every run (wps: median, min–max of its kept records):", "",
-              "| pair | round | arch | records | median wps | min–max | / stock of the round | wall s |",
-              "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+              "| pair | round | arch | records | median wps | min–max | / stock of the round | peak MiB | / stock | wall s |",
+              "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         lines.append(f"| {r['pair']} | {r['round']} | {r['arch']} | {r['records']} | {r['median_wps']:,.0f} | "
-                     f"{r['min_wps']:,.0f}–{r['max_wps']:,.0f} | {r['ratio_to_stock']:.3f} | {r['wall_s']} |")
+                     f"{r['min_wps']:,.0f}–{r['max_wps']:,.0f} | {r['ratio_to_stock']:.3f} | {r['peak_mib']:,.0f} | "
+                     f"{r['mem_ratio_to_stock']:.3f} | {r['wall_s']} |")
     return "\n".join(lines) + "\n"
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--pairs", default="iwslt,wmt_big,lm512", help="comma list of " + ",".join(PAIRS))
-    p.add_argument("--precision", default=None, choices=["fp32", "fp16", "memory-efficient-fp16"],
-                   help="fairseq's precision flag (default fp16 on cuda, fp32 on cpu); fairseq-fixed's --bf16 is "
-                        "broken (docs/distributed-and-precision.md)")
+    p.add_argument("--precision", default=None, choices=list(PRECISION_FLAGS),
+                   help="fairseq-train's precision flag, the same for both architectures (default fp16 on cuda, "
+                        "fp32 on cpu); bf16 is --bf16 with --user-dir gpam_fairseq (docs/distributed-and-precision.md)")
     p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda if available")
     p.add_argument("--updates", type=int, default=300, help="--max-update of every run (default 300)")
     p.add_argument("--log-interval", type=int, default=10, help="fairseq's --log-interval: updates per record")
@@ -234,12 +318,20 @@ def main(argv=None):
                 cmd = train_command(lm_bin if lm else nmt_bin, arch, task_flags, batch_flags, args, extra)
                 text, wall = run_or_fail(cmd, os.path.join(args.out_dir, f"{name}-{arch}-round{round_}.log"))
                 wps, low, high, records, updates = steady_wps(text, args.discard_updates)
-                stock_wps = wps if stock_wps is None else stock_wps
+                memory = peak_memory(text)
+                cuda_peak = memory["cuda_peak_mib"]
+                peak, kind = (cuda_peak, "cuda_max_allocated") if cuda_peak is not None else (
+                    memory["max_rss_mib"], "process_max_rss")
+                if stock_wps is None:
+                    stock_wps, stock_peak = wps, peak
                 rows.append(dict(pair=name, precision=args.precision, round=round_, arch=arch, updates=updates,
                                  records=records, median_wps=wps, min_wps=low, max_wps=high,
-                                 ratio_to_stock=wps / stock_wps, wall_s=round(wall, 1)))
+                                 ratio_to_stock=wps / stock_wps, peak_mib=round(peak, 1), peak_kind=kind,
+                                 mem_ratio_to_stock=peak / stock_peak,
+                                 cuda_peak_mib=None if cuda_peak is None else round(cuda_peak, 1),
+                                 max_rss_mib=round(memory["max_rss_mib"], 1), wall_s=round(wall, 1)))
                 log(f"    steady wps {wps:,.0f} ({low:,.0f}–{high:,.0f} over {records} records; "
-                    f"x stock {wps / stock_wps:.3f}, {wall:.0f} s)")
+                    f"x stock {wps / stock_wps:.3f}, peak {peak:,.0f} MiB x stock {peak / stock_peak:.3f}, {wall:.0f} s)")
     with open(os.path.join(args.out_dir, "fairseq_train.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS)
         writer.writeheader()
@@ -252,4 +344,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--as-fairseq-train"]:  # one run of train_command(): not a user-facing flag
+        fairseq_train_with_peak_memory(sys.argv[2:])
+    else:
+        main()
