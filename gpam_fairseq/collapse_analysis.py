@@ -369,22 +369,23 @@ def lambda_grid(pos: Sequence[float], neg: Sequence[float], skip_invalid: bool =
     return valid
 
 
-def grid_label(lambda_pos: float, lambda_neg: float, neg_query_init: str) -> str:
-    return f"dagpam l+={lambda_pos:g} l-={lambda_neg:g} {neg_query_init}"
+def grid_label(lambda_pos: float, lambda_neg: float, neg_query_init: Optional[str]) -> str:
+    return f"dagpam l+={lambda_pos:g} l-={lambda_neg:g}" + (f" {neg_query_init}" if neg_query_init else "")
 
 
-def settings_for(types: Sequence[str], grid: Optional[List[Tuple[float, float]]], inits: Sequence[str]) -> List[Setting]:
-    """What to measure: every type of ``types``; daGPAM once per grid point (or at its defaults
-    without a grid) and per W_Q- initialisation; the other types once, as references."""
+def settings_for(types: Sequence[str], grid: Optional[List[Tuple[float, float]]],
+                 inits: Optional[Sequence[str]]) -> List[Setting]:
+    """What to measure: every type of ``types``; daGPAM once per grid point (without a grid:
+    once, with the lambdas it is configured with) and per W_Q- initialisation of ``inits``
+    (None: the one it is configured with); the other types once, as references."""
     out = []
     for t in types:
         if t != "dagpam":
             out.append(Setting(t, label=t))
             continue
-        for init in inits:
+        for init in inits or [None]:
             if grid is None:
-                label = t if list(inits) == ["neg_identity"] else f"{t} {init}"
-                out.append(Setting(t, DEFAULTS["gpam_lambda_pos"], DEFAULTS["gpam_lambda_neg"], init, label))
+                out.append(Setting(t, neg_query_init=init, label=t if init is None else f"{t} {init}"))
             else:
                 out.extend(Setting(t, p, n, init, grid_label(p, n, init)) for p, n in grid)
     return out
@@ -892,9 +893,10 @@ def get_parser() -> argparse.ArgumentParser:
     grid.add_argument("--lambda-neg", help="comma list of lambda- values >= 0 (default: 0.2, the default of --gpam-lambda-neg)")
     grid.add_argument("--skip-invalid", action="store_true",
                       help="drop the grid points with lambda- >= 1 + lambda+ instead of refusing the grid")
-    grid.add_argument("--neg-query-inits", default="neg_identity",
+    grid.add_argument("--neg-query-inits",
                       help=f"comma list of W_Q- initialisations for daGPAM, a facet of the map: {', '.join(NEG_QUERY_INITS)} "
-                           "(default neg_identity)")
+                           "(default: the one daGPAM is configured with, neg_identity unless --fairseq-args sets "
+                           "--gpam-neg-query-init)")
     grid.add_argument("--map-layers", default=",".join(DEFAULT_MAP_LAYERS),
                       help="layers whose residual ratio the heat maps show, 'last' = the last layer (default 2,4,last)")
     grid.add_argument("--mark", help="LAMBDA_POS:LAMBDA_NEG points whose per-layer curves PREFIX.png draws (default: "
@@ -921,7 +923,9 @@ def grid_of(args) -> Optional[List[Tuple[float, float]]]:
     return lambda_grid(pos, neg, args.skip_invalid)
 
 
-def parse_inits(text: str) -> List[str]:
+def parse_inits(text: Optional[str]) -> Optional[List[str]]:
+    if text is None:
+        return None
     inits = list(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
     for init in inits:
         if init not in NEG_QUERY_INITS:
@@ -952,7 +956,7 @@ def run(args) -> List[dict]:
     if args.random_init and not args.arch:
         raise SystemExit("--random-init: needs --arch NAME")
     grid = grid_of(args)  # refused points stop here, before anything is built
-    inits = parse_inits(getattr(args, "neg_query_inits", "neg_identity"))
+    inits = parse_inits(getattr(args, "neg_query_inits", None))
     seeds = parse_seeds(args.seeds)
     rows: List[dict] = []
     use_data = args.data_bin and not args.random_tokens
@@ -968,10 +972,13 @@ def run(args) -> List[dict]:
             for seed in seeds:
                 print(f"| pure attention: {setting.label}, seed {seed}, depth {args.depth}", flush=True)
                 layers_options = setting.options() if setting.attention_type == "dagpam" else None
+                columns = {} if layers_options is None else dict(
+                    lambda_pos=layers_options.lambda_pos, lambda_neg=layers_options.lambda_neg,
+                    neg_query_init=layers_options.neg_query_init)
                 for r in measure_pure(setting.attention_type, args.depth, args.dim, args.heads, args.tokens,
                                       args.batch_size, seed, args.norm, layers_options):
                     rows.append(dict(label=setting.label, attention_type=setting.attention_type, seed=seed,
-                                     **setting.columns(), **r))
+                                     **columns, **r))
         return rows
 
     jobs = []
@@ -995,7 +1002,8 @@ def run(args) -> List[dict]:
             print(f"| {label}: {what if kind == 'checkpoint' else args.arch}, seed {seed}", flush=True)
             sample = data_sample(task, args.split, args.batch_size) if use_data else \
                 random_sample(task, args.batch_size, args.tokens, seed, language_model=not hasattr(model, "encoder"))
-            columns = fixed_lambdas([model])
+            # what the model's daGPAM modules hold (a grid point's flags, or --fairseq-args, or the defaults)
+            columns = fixed_lambdas([model]) or (setting.columns() if setting else {})
             torch.manual_seed(seed)
             for r in measure_model(model.float(), sample, task.target_dictionary.pad(), args.norm):
                 rows.append(dict(label=label, attention_type=attention_type, seed=seed, **columns, **r))

@@ -95,6 +95,17 @@ def test_arch_grid_reaches_the_model(tmp_path):
     assert len(grads) == 4
 
 
+def test_without_a_grid_the_configured_lambdas_are_kept(tmp_path):
+    """No grid: daGPAM is measured with the lambdas and W_Q- start --fairseq-args gives (not the
+    defaults), and the CSV says which."""
+    prefix = str(tmp_path / "configured")
+    ac.main(["--arch", "transformer_lm_gpam", "--random-init", "--attention-types", "dagpam", "--vocab", "40",
+             "--fairseq-args", SMALL_LM + " --gpam-lambda-pos 1 --gpam-lambda-neg 0.5 --gpam-neg-query-init random",
+             "--batch-size", "2", "--tokens", "10", "--out-prefix", prefix])
+    rows = read_csv(prefix + ".csv")
+    assert {(r["lambda_pos"], r["lambda_neg"], r["neg_query_init"]) for r in rows} == {("1.0", "0.5", "random")}
+
+
 def test_grid_with_invalid_points_is_refused_in_one_line(tmp_path):
     with pytest.raises(GPAMConfigError, match=r"\(lambda\+ 0, lambda- 1\), \(lambda\+ 0, lambda- 1\.5\)"):
         ac.lambda_grid([0.0, 1.0], [0.5, 1.0, 1.5])
