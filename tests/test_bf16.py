@@ -275,7 +275,13 @@ def test_other_precision_flags_on_a_cpu(data, tmp_path):
         "amp": train_job(data["nmt"], str(tmp_path / "b"), flags, ["--amp"]),
         "fp16 unflattened": train_job(data["nmt"], str(tmp_path / "c"), flags, ["--fp16", "--fp16-no-flatten-grads"]),
         "memory-efficient bf16": train_job(data["nmt"], str(tmp_path / "d"), flags, ["--memory-efficient-bf16"]),
+        # fairseq's own language model, the LM recipes' baseline, in bf16 too
+        "stock LM bf16": train_job(data["lm"], str(tmp_path / "e"), [
+            *LM_TRAIN[:2], "--arch", "transformer_lm", *LM_TRAIN[4:-2], "--max-update", "3", "--disable-validation"],
+            ["--bf16"]),
     })
+    stats = log_records(checked(out["stock LM bf16"]).stdout.splitlines(), "train_inner")
+    assert len(stats) == 3 and all(math.isfinite(float(s["loss"])) for s in stats)
     for flag in ("fp16", "amp"):
         proc = out[flag]
         assert proc.returncode == 2, describe(proc)
@@ -299,3 +305,27 @@ def test_other_precision_flags_on_a_cpu(data, tmp_path):
     proc = checked(run(command("fairseq-generate", data["nmt"], "--user-dir", USER_DIR, "--path",
                                str(tmp_path / "d" / "checkpoint_last.pt"), "--beam", "2", "--max-tokens", "512")))
     assert len(hypotheses(proc.stdout)) == 16
+
+
+@pytest.mark.parametrize("xla", [False, True])
+def test_bf16_implies_tpu_only_on_a_tpu_host(xla, monkeypatch):
+    """What fairseq's parser made of --bf16, before and after the plugin's repair: tpu stays set
+    only where torch_xla is importable (fairseq's own test, fairseq.utils.xm)."""
+    import fairseq_cli.generate
+    import fairseq_cli.train
+    from fairseq import options, utils
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+
+    from gpam_fairseq import precision
+
+    monkeypatch.setattr(utils, "xm", object() if xla else None)
+    parser = options.get_training_parser()
+    args = options.parse_args_and_arch(parser, ["data", "--user-dir", USER_DIR, "--arch", "transformer_iwslt_de_en",
+                                                "--bf16", "--task", "translation"])
+    assert args.bf16 and args.tpu  # fairseq-fixed: --bf16 implies --tpu
+    for convert in (convert_namespace_to_omegaconf, fairseq_cli.train.convert_namespace_to_omegaconf,
+                    fairseq_cli.generate.convert_namespace_to_omegaconf):
+        assert getattr(convert, "__wrapped_by_gpam__", False)  # the programs call the repaired one
+    cfg = convert_namespace_to_omegaconf(args)
+    assert cfg.common.bf16 and cfg.common.tpu == xla and args.tpu == xla
+    assert precision.bf16_autocast_wanted(cfg.common) == (not xla)
