@@ -22,8 +22,8 @@ importable, ``--bf16`` (``common.bf16=true`` in fairseq-hydra-train) means inste
 * ``--memory-efficient-bf16`` keeps fairseq's own meaning (only the TPU assumption goes): the
   model is cast to bf16 (our fp32 pieces stay fp32), no fp32 copy of the weights exists, and
   fairseq's ``MemoryEfficientFP16Optimizer`` keeps the optimizer state in fp32 and writes each
-  update back into the bf16 weights. Its checkpoints hold bf16 weights; loading them into an fp32
-  model upcasts them exactly.
+  update back into the bf16 weights. fairseq saves half tensors upcast to fp32, so its checkpoints
+  hold bf16 numbers in fp32 and load into an fp32 model exactly.
 * Where torch_xla is importable (a TPU host) nothing of this applies: fairseq's own behaviour.
 
 Why autocast rather than fairseq's bf16 weights with an fp32 master copy (``FP16Optimizer``): that
