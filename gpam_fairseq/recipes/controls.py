@@ -220,7 +220,8 @@ def recipe_commands(recipe, size: str, models: Sequence[str] = MODELS, **env) ->
     from gpam_fairseq.recipes.stages import Settings, train_command
 
     base = {"SIZE": size, "NGPUS": "1", "DATA_DIR": "/nonexistent-data", "EXTRA_ARGS": None, "GPAM_ARGS": None,
-            "UPDATE_FREQ": None, "MAX_UPDATE": None, "RUN_NAME": None, "SEED": None, "FP16": None}
+            "UPDATE_FREQ": None, "MAX_UPDATE": None, "RUN_NAME": None, "SEED": None, "FP16": None,
+            "PRECISION": None}
     base.update(env)
     out = {}
     for model in models:

@@ -9,7 +9,9 @@ Settings come from environment variables, so that one command line serves every 
     GPAM_ARGS                        daGPAM flags (--gpam-*) for MODEL=gpam and the other attention types, last;
                                      MODEL=baseline_params matches their parameters; baseline(_maps) ignore them
     EVAL_ARGS                        extra fairseq-generate / fairseq-eval-lm arguments
-    NGPUS, UPDATE_FREQ, FP16=auto|0|1, AVERAGE=N, WORKERS, FORCE=1 (redo a finished stage)
+    NGPUS, UPDATE_FREQ, AVERAGE=N, WORKERS, FORCE=1 (redo a finished stage)
+    PRECISION=fp32|fp16|bf16|amp     training (and decoding: bf16/fp16; amp decodes in fp32) precision; default bf16
+                                     on GPUs with bf16 arithmetic, fp16 on older GPUs, fp32 on the CPU (FP16=1|0 = fp16|fp32)
     DOWNLOAD_RETRIES=4, DOWNLOAD_BACKOFF_S=2, DOWNLOAD_TIMEOUT_S=60, DOWNLOAD_USER_AGENT, DOWNLOAD_PROGRESS=1
                                      the prepare stage's downloads (attempts per source, first wait, read timeout)
 """
@@ -85,6 +87,28 @@ class Settings:
             return []
         src, tgt = self.direction.split("-")
         return ["--source-lang", src, "--target-lang", tgt]
+
+
+PRECISION_FLAGS = {"fp32": [], "fp16": ["--fp16"], "bf16": ["--bf16"], "amp": ["--amp"]}
+DECODING_FLAGS = {"fp32": [], "fp16": ["--fp16"], "bf16": ["--bf16"], "amp": []}  # fairseq decodes without amp
+
+
+def precision(gpus):
+    """PRECISION, else the older FP16=1|0, else bf16 on a GPU with bf16 arithmetic (A100, H100...),
+    fp16 on an older GPU, fp32 on the CPU."""
+    value = env("PRECISION")
+    if value is not None:
+        if value not in PRECISION_FLAGS:
+            raise RecipeError(f"PRECISION={value}: choose one of {', '.join(PRECISION_FLAGS)}")
+        return value
+    legacy = env("FP16", "auto")
+    if legacy in ("0", "1"):
+        return "fp16" if legacy == "1" else "fp32"
+    if gpus == 0:
+        return "fp32"
+    import torch
+
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp16"
 
 
 def _gpus():
@@ -168,9 +192,7 @@ def train_command(s, with_info=False):
                *s.lang_args(), *s.model_args(model), *size.train]
         if s.ln == "pre":
             cmd += ["--encoder-normalize-before", "--decoder-normalize-before"]
-        fp16 = env("FP16", "auto")
-        if fp16 == "1" or (fp16 == "auto" and gpus > 0):
-            cmd += ["--fp16"]
+        cmd += PRECISION_FLAGS[precision(gpus)]
         cmd += ["--update-freq", str(update_freq), "--seed", str(s.seed),
                 "--max-update", str(env_int("MAX_UPDATE", size.max_update)),
                 "--save-dir", s.save_dir, "--tensorboard-logdir", os.path.join(s.run_dir, "tensorboard"),
@@ -326,7 +348,7 @@ def evaluate_translation(s, ckpt, result):
 
     cmd = [*measured("fairseq-generate"), s.data_bin, "--user-dir", USER_DIR, "--task", "translation",
            *s.lang_args(), "--path", ckpt, "--gen-subset", "test", *s.recipe.generate_args,
-           "--required-batch-size-multiple", "1", *env_args("EVAL_ARGS")]
+           "--required-batch-size-multiple", "1", *DECODING_FLAGS[precision(_gpus())], *env_args("EVAL_ARGS")]
     log_path = os.path.join(s.run_dir, "generate.log")
     log = run_cli("fairseq-generate", cmd, log_path)
     result["inference"] = inference_figures("fairseq-generate", cmd, log, log_path)
@@ -362,7 +384,7 @@ def evaluate_translation(s, ckpt, result):
 
 def evaluate_language_model(s, ckpt, result):
     cmd = [*measured("fairseq-eval-lm"), s.data_bin, "--user-dir", USER_DIR, "--path", ckpt,
-           "--gen-subset", "test", *s.size.eval_args, *env_args("EVAL_ARGS")]
+           "--gen-subset", "test", *s.size.eval_args, *DECODING_FLAGS[precision(_gpus())], *env_args("EVAL_ARGS")]
     log_path = os.path.join(s.run_dir, "eval_lm.log")
     log = run_cli("fairseq-eval-lm", cmd, log_path)
     result["inference"] = inference_figures("fairseq-eval-lm", cmd, log, log_path)
@@ -393,6 +415,7 @@ def stage_evaluate(s, argv):
     if train_info.get("control"):
         result["control"] = train_info["control"]
     result["data_provenance"] = read_data_provenance(s.run_dir)
+    result["decoding_precision"] = precision(_gpus())  # the training precision is in train_command
     if s.recipe.task == "translation":
         evaluate_translation(s, ckpt, result)
     else:

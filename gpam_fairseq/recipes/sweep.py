@@ -49,7 +49,7 @@ QUICK_MAX_UPDATE = 10
 
 # the recipe variables a cell takes from the sweep's environment (so that a job on another
 # machine sees the same; see gpam_fairseq/recipes/stages.py)
-PASSED_ON = ("SIZE", "SETUP", "DIRECTION", "LN", "DATA_DIR", "NGPUS", "FP16", "UPDATE_FREQ", "AVERAGE", "WORKERS",
+PASSED_ON = ("SIZE", "SETUP", "DIRECTION", "LN", "DATA_DIR", "NGPUS", "PRECISION", "FP16", "UPDATE_FREQ", "AVERAGE", "WORKERS",
              "MAX_UPDATE", "EVAL_ARGS", "EXTRA_ARGS", "GPAM_ARGS")
 
 
