@@ -842,14 +842,21 @@ def plot_map(summary: List[dict], path: str, layers_spec: Sequence[str], trained
 # ----------------------------------------------------------------------------- CLI
 
 
-def parse_types(text: str) -> List[str]:
+def parse_names(text: str, flag: str, allowed, kind: str, unique: bool = False) -> List[str]:
+    """A comma list of names, each one of `allowed` (one line naming `flag` otherwise)."""
     names = [t.strip() for t in text.split(",") if t.strip()]
-    for t in names:
-        if t not in ATTENTION_TYPES:
-            raise SystemExit(f"--attention-types: unknown type {t!r}; choose from {', '.join(ATTENTION_TYPES)}")
+    if unique:
+        names = list(dict.fromkeys(names))
+    for name in names:
+        if name not in allowed:
+            raise SystemExit(f"{flag}: unknown {kind} {name!r}; choose from {', '.join(allowed)}")
     if not names:
-        raise SystemExit("--attention-types: empty list")
+        raise SystemExit(f"{flag}: empty list")
     return names
+
+
+def parse_types(text: str) -> List[str]:
+    return parse_names(text, "--attention-types", ATTENTION_TYPES, "type")
 
 
 def parse_seeds(text: str) -> List[int]:
@@ -926,13 +933,7 @@ def grid_of(args) -> Optional[List[Tuple[float, float]]]:
 def parse_inits(text: Optional[str]) -> Optional[List[str]]:
     if text is None:
         return None
-    inits = list(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
-    for init in inits:
-        if init not in NEG_QUERY_INITS:
-            raise SystemExit(f"--neg-query-inits: unknown initialisation {init!r}; choose from {', '.join(NEG_QUERY_INITS)}")
-    if not inits:
-        raise SystemExit("--neg-query-inits: empty list")
-    return inits
+    return parse_names(text, "--neg-query-inits", NEG_QUERY_INITS, "initialisation", unique=True)
 
 
 def fixed_lambdas(modules) -> dict:

@@ -58,11 +58,11 @@ def checked(proc):
     return proc
 
 
-def tiny_runs(root, checkpoints=True):
+def tiny_runs(root, checkpoints=True, n_train=100):
     """Data folders (translation src->tgt, language model) and, if asked, a checkpoint of each
     model trained for 2 updates. Returns their paths."""
     raw = os.path.join(root, "raw")
-    write_corpus(raw, n_train=100, n_valid=16, n_test=16, vocab=20, max_len=6)
+    write_corpus(raw, n_train=n_train, n_valid=16, n_test=16, vocab=20, max_len=6)
     paths = {"root": str(root), "nmt_bin": os.path.join(root, "nmt-bin"), "lm_bin": os.path.join(root, "lm-bin")}
     for proc in run_all({
         "nmt": dict(argv=command("fairseq-preprocess", "--source-lang", "src", "--target-lang", "tgt", "--trainpref",

@@ -41,10 +41,9 @@ import time
 import pytest
 import torch
 
-from cli_runs import BIN, ENV, checked, command, describe, last_line, run, run_all
+from cli_runs import BIN, ENV, checked, command, describe, last_line, run, run_all, tiny_runs
 from gpam_fairseq.checkpoints import load_state
 from gpam_fairseq.fairseq_tools import log_records
-from gpam_fairseq.synthetic_corpus import write_corpus
 from helpers import REPO, USER_DIR
 from test_kill_resume import PAUSE_IN_COPY
 from test_resume import assert_same_state
@@ -78,20 +77,8 @@ LM_TRAIN = ["--task", "language_modeling", "--arch", "transformer_lm_gpam", "--d
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("bf16")
-    raw = str(root / "raw")
-    write_corpus(raw, n_train=300, n_valid=16, n_test=16, vocab=20, max_len=6)
-    paths = {"raw": raw, "nmt": str(root / "nmt-bin"), "lm": str(root / "lm-bin")}
-    for proc in run_all({
-        "nmt": dict(argv=command("fairseq-preprocess", "--source-lang", "src", "--target-lang", "tgt", "--trainpref",
-                                 f"{raw}/train", "--validpref", f"{raw}/valid", "--testpref", f"{raw}/test",
-                                 "--destdir", paths["nmt"], "--workers", "1")),
-        "lm": dict(argv=command("fairseq-preprocess", "--only-source", "--trainpref", f"{raw}/train.tgt",
-                                "--validpref", f"{raw}/valid.tgt", "--testpref", f"{raw}/test.tgt",
-                                "--destdir", paths["lm"], "--workers", "1")),
-    }).values():
-        checked(proc)
-    return paths
+    paths = tiny_runs(str(tmp_path_factory.mktemp("bf16")), checkpoints=False, n_train=300)
+    return {"raw": os.path.join(paths["root"], "raw"), "nmt": paths["nmt_bin"], "lm": paths["lm_bin"]}
 
 
 def train_job(data_bin, save_dir, flags, precision=(), env=ENV):
