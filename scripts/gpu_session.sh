@@ -53,8 +53,12 @@ while [[ ${1:-} == --* ]]; do
 done
 out=${1:?usage: bash scripts/gpu_session.sh [--rehearse] [--dry-run] OUT_DIR [SECONDS]}
 py=${PYTHON:-python3}
-mkdir -p "$out/results"
-out=$(cd "$out" && pwd)
+if (( dry_run )); then
+  out=$(realpath -m "$out")  # nothing is written
+else
+  mkdir -p "$out/results"
+  out=$(cd "$out" && pwd)
+fi
 cd "$(dirname "$0")/.."  # the repository root: the steps name scripts/ and tests/ from there
 export PYTHONUNBUFFERED=1
 
