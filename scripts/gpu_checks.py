@@ -18,9 +18,9 @@ Without CUDA it prints ``skipped: no CUDA`` and exits 0 (the CPU counterparts ar
 * ``autocast_bf16`` / ``autocast_fp16``: a translation model's training step on the GPU under
   ``torch.autocast`` (forward, backward finite, close to fp32), with a fully padded sentence,
   plus a 2048-token causal daGPAM attention forward/backward.
-* ``fairseq_bf16_flag`` (information, not pass/fail): whether fairseq-fixed's ``--bf16`` runs;
-  the README says it does not (it sets ``tpu=True``). Reported as ``broken-as-documented`` or
-  ``works``.
+* ``fairseq_bf16_flag``: ``fairseq-train --bf16`` with the plugin (which repairs fairseq-fixed's
+  ``tpu=True``: bf16 autocast, fp32 weights), 100 updates on the GPU: exit 0, losses finite and
+  falling, no loss scale (bf16 needs none).
 
 Writes ``gpu_checks.md`` and ``gpu_checks.csv`` (and each step's log) into ``--out``; exits 1
 if any check fails.
@@ -207,12 +207,18 @@ def autocast_check(dtype_name):
 
 def fairseq_bf16_flag(nmt_bin, out_dir, timeout):
     cmd = [*TRAIN, nmt_bin, "--user-dir", USER_DIR, *NMT, *COMMON, "--bf16",
-           "--max-update", "20", "--no-save"]
-    say("  [fairseq_bf16_flag] fairseq-train --bf16 (information: fairseq-fixed is known to fail here)")
+           "--max-update", "100", "--no-save"]
+    say("  [fairseq_bf16_flag] fairseq-train --bf16, 100 updates")
     code, out = run_logged(cmd, os.path.join(out_dir, "fairseq_bf16_flag.log"), timeout)
-    if code == 0:
-        return "works", "fairseq's --bf16 ran: update the README's precision section"
-    return "broken-as-documented", last_error(out)
+    if code != 0:
+        return False, f"exit {code}: {last_error(out)}"
+    stats = log_records(out.splitlines(), "train_inner")
+    losses = [float(s["loss"]) for s in stats]
+    if not losses:
+        return False, "no train_inner records in the log"
+    scaled = [s["loss_scale"] for s in stats if "loss_scale" in s]
+    ok = all(map(_finite, losses)) and losses[-1] < losses[0] and not scaled
+    return ok, f"loss {losses[0]:.3f}->{losses[-1]:.3f}; {'loss scale logged' if scaled else 'no loss scale'}"
 
 
 def write_tables(rows, out_dir):
