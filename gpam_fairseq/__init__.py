@@ -10,6 +10,10 @@ import logging
 import sys
 import warnings
 
+from gpam_fairseq._moved import install_old_module_paths
+
+install_old_module_paths()  # gpam_fairseq.checkpoints & co. from before the subpackages still import
+
 
 @contextlib.contextmanager
 def _quiet_first_fairseq_import():
@@ -35,8 +39,9 @@ def _quiet_first_fairseq_import():
 
 
 with _quiet_first_fairseq_import():
-    from gpam_fairseq import checkpoint_glue, cli_errors, precision
-    from gpam_fairseq.compat import allow_fairseq_checkpoints, restore_numpy_compat_long
+    from gpam_fairseq.checkpointing import glue as checkpoint_glue
+    from gpam_fairseq.fairseq_glue import cli_errors, precision
+    from gpam_fairseq.fairseq_glue.compat import allow_fairseq_checkpoints, restore_numpy_compat_long
 
     allow_fairseq_checkpoints()
     restore_numpy_compat_long()  # fairseq-fixed's LM datasets under NumPy 2

@@ -5,7 +5,7 @@ Five levels, each a function of its inputs (``--levels``, any subset, in this or
 
 * ``ops`` (deterministic, any device, seconds on a CPU): the kernels one forward + backward
   pass launches, as a GPU launches them, and the bytes autograd keeps for the backward pass
-  (:mod:`gpam_fairseq.profiling`). Rows: one attention module per role (encoder
+  (:mod:`gpam_fairseq.measurement.profiling`). Rows: one attention module per role (encoder
   self-attention with padding; decoder self-attention, causal, without and with target
   padding; cross attention with padding; one incremental beam step of decoder self and of
   cross attention, forward only), and one whole training step (forward, loss, backward) of
@@ -52,8 +52,8 @@ from typing import Callable, Dict, List, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from gpam_fairseq.fairseq_tools import IWSLT_DE, IWSLT_EN, WIKI103, WMT_JOINED, REPO_ROOT
-from gpam_fairseq.fairseq_tools import build_language_model, build_translation_model
+from gpam_fairseq.fairseq_glue.tools import IWSLT_DE, IWSLT_EN, WIKI103, WMT_JOINED, REPO_ROOT
+from gpam_fairseq.fairseq_glue.tools import build_language_model, build_translation_model
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 LEVELS = ("ops", "core", "attention", "train", "beam")
@@ -297,7 +297,7 @@ def count_row(shape: str, variant: str, path: str, run) -> dict:
     """Count one pass; ``run()`` returns (forward, parameters (excluded from the saved bytes),
     whether to run a backward pass, input leaves that get a gradient)."""
     from gpam_fairseq.attention.multihead import clear_mask_cache
-    from gpam_fairseq.profiling import count_pass
+    from gpam_fairseq.measurement.profiling import count_pass
 
     note = ""
     try:

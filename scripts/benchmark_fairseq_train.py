@@ -43,7 +43,7 @@ import time
 
 import numpy as np
 
-from gpam_fairseq.fairseq_tools import REPO_ROOT, USER_DIR, log_records, run_logged
+from gpam_fairseq.fairseq_glue.tools import REPO_ROOT, USER_DIR, log_records, run_logged
 
 NMT_FLAGS = ["--share-decoder-input-output-embed", "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)",
              "--clip-norm", "0.0", "--lr", "5e-4", "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "4000",

@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from gpam_fairseq.fairseq_tools import build_translation_model  # first: gpam_fairseq imports fairseq quietly
+from gpam_fairseq.fairseq_glue.tools import build_translation_model  # first: gpam_fairseq imports fairseq quietly
 from fairseq.logging import metrics
 
 SMALL = ["--encoder-layers", "2", "--decoder-layers", "2", "--encoder-embed-dim", "64", "--decoder-embed-dim", "64",

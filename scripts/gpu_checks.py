@@ -35,8 +35,8 @@ import subprocess
 import sys
 import time
 
-from gpam_fairseq.fairseq_tools import USER_DIR, log_records, say
-from gpam_fairseq.synthetic_corpus import write_corpus
+from gpam_fairseq.fairseq_glue.tools import USER_DIR, log_records, say
+from gpam_fairseq.recipes.synthetic_corpus import write_corpus
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -157,7 +157,7 @@ def autocast_check(dtype_name):
 
     import torch
 
-    from gpam_fairseq.fairseq_tools import build_translation_model
+    from gpam_fairseq.fairseq_glue.tools import build_translation_model
     from gpam_fairseq.modules.transformer import build_attention
     from gpam_fairseq.options import GPAMOptions
 

@@ -17,7 +17,7 @@ import os
 import sys
 import warnings
 
-from gpam_fairseq.fairseq_tools import REPO_ROOT, say
+from gpam_fairseq.fairseq_glue.tools import REPO_ROOT, say
 from gpam_fairseq.recipes import controls
 from gpam_fairseq.recipes.definitions import RECIPES
 

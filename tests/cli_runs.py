@@ -7,7 +7,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 
 from helpers import REPO, USER_DIR
-from gpam_fairseq.synthetic_corpus import write_corpus
+from gpam_fairseq.recipes.synthetic_corpus import write_corpus
 
 BIN = os.path.dirname(sys.executable)
 ENV = {k: v for k, v in os.environ.items() if k not in ("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "GPAM_DEBUG")}

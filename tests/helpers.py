@@ -1,10 +1,10 @@
 """What many tests share: the repository's paths, our models (and stock ones) built the way
-the fairseq command lines build them without data (gpam_fairseq.fairseq_tools), parameter counts."""
+the fairseq command lines build them without data (gpam_fairseq.fairseq_glue.tools), parameter counts."""
 
 import os
 
 import gpam_fairseq  # noqa: F401  (registers the models)
-from gpam_fairseq.fairseq_tools import (  # noqa: F401  (the tests import them from here)
+from gpam_fairseq.fairseq_glue.tools import (  # noqa: F401  (the tests import them from here)
     IWSLT_DE, IWSLT_EN, USER_DIR, WIKI103, WMT_JOINED, build_language_model, build_translation_model, make_dictionary)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -1,4 +1,4 @@
-"""scripts/analyze_collapse.py (gpam_fairseq/collapse_analysis.py): the metrics, the direction of
+"""scripts/analyze_collapse.py (gpam_fairseq/measurement/collapse.py): the metrics, the direction of
 the paper's Lemma 5, the CLI."""
 
 import csv
@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from gpam_fairseq import collapse_analysis as ac
+from gpam_fairseq.measurement import collapse as ac
 from helpers import REPO
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from helpers import REPO, USER_DIR
-from gpam_fairseq.synthetic_corpus import write_corpus
+from gpam_fairseq.recipes.synthetic_corpus import write_corpus
 
 BIN = os.path.dirname(sys.executable)
 SCRIPT = os.path.join(REPO, "scripts", "average_checkpoints.py")

@@ -3,7 +3,7 @@
 * Every GPAM/attention option, given an invalid value on a real fairseq-train command line (the
   console script: fairseq's training parser, the task set up on a real data folder, the model
   built), stops with one line, ``fairseq-train: error: ...``, naming the flag and the values it
-  allows, and exit status 2: argparse's own errors and ours (gpam_fairseq.cli_errors) look the
+  allows, and exit status 2: argparse's own errors and ours (gpam_fairseq.fairseq_glue.cli_errors) look the
   same. Options are listed from ``gpam_fairseq.options``: a new option without a case here fails
   the coverage test.
 * A data folder without a dictionary, or languages that are not in it, fails with fairseq's
@@ -20,7 +20,7 @@ import pytest
 from cli_runs import BIN, ENV, command, describe, last_line, run_all
 from gpam_fairseq.options import ATTENTION_TYPES, FLAG, LAMBDA_SCOPES, NEG_QUERY_INITS, NEG_QUERY_SHARING
 from helpers import REPO, USER_DIR
-from gpam_fairseq.synthetic_corpus import write_corpus
+from gpam_fairseq.recipes.synthetic_corpus import write_corpus
 
 
 NMT = ["--task", "translation", "--arch", "transformer_gpam_iwslt_de_en", "--encoder-layers", "1", "--decoder-layers", "1",

@@ -9,7 +9,7 @@ import sys
 import benchmark_fairseq_train as bft
 import pytest
 
-from gpam_fairseq.fairseq_tools import REPO_ROOT as REPO
+from gpam_fairseq.fairseq_glue.tools import REPO_ROOT as REPO
 
 SCRIPT = os.path.join(REPO, "scripts", "benchmark_fairseq_train.py")
 

@@ -1,5 +1,5 @@
 """``--bf16`` through fairseq's console scripts on the CPU, with ``--user-dir gpam_fairseq``
-(gpam_fairseq/precision.py): daGPAM (transformer_gpam_iwslt_de_en), the stock baseline
+(gpam_fairseq/fairseq_glue/precision.py): daGPAM (transformer_gpam_iwslt_de_en), the stock baseline
 (transformer_iwslt_de_en) and the daGPAM language model (transformer_lm_gpam).
 
 * fairseq-train --bf16 trains, is killed while it writes ``checkpoint_last.pt``, resumes and ends
@@ -42,8 +42,8 @@ import pytest
 import torch
 
 from cli_runs import BIN, ENV, checked, command, describe, last_line, run, run_all, tiny_runs
-from gpam_fairseq.checkpoints import load_state
-from gpam_fairseq.fairseq_tools import log_records
+from gpam_fairseq.checkpointing.checkpoints import load_state
+from gpam_fairseq.fairseq_glue.tools import log_records
 from helpers import REPO, USER_DIR
 from test_kill_resume import PAUSE_IN_COPY
 from test_resume import assert_same_state
@@ -303,7 +303,7 @@ def test_bf16_implies_tpu_only_on_a_tpu_host(xla, monkeypatch):
     from fairseq import options, utils
     from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
-    from gpam_fairseq import precision
+    from gpam_fairseq.fairseq_glue import precision
 
     monkeypatch.setattr(utils, "xm", object() if xla else None)
     parser = options.get_training_parser()

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from cli_runs import NMT_ARCH, TRAIN, command, describe, last_line, run_all, tiny_runs
-from gpam_fairseq.checkpoints import CheckpointError, file_problem
+from gpam_fairseq.checkpointing.checkpoints import CheckpointError, file_problem
 from gpam_fairseq.models.transformer_gpam import TransformerGPAMModel
 from gpam_fairseq.models.transformer_lm_gpam import TransformerLanguageModelGPAM
 from helpers import REPO, USER_DIR

@@ -26,8 +26,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from helpers import REPO, USER_DIR, build_language_model, build_translation_model
-from gpam_fairseq.fairseq_tools import log_records
-from gpam_fairseq.synthetic_corpus import write_corpus
+from gpam_fairseq.fairseq_glue.tools import log_records
+from gpam_fairseq.recipes.synthetic_corpus import write_corpus
 
 WORLD = 2
 PER_RANK = 3  # sentences per rank; the single process sees WORLD * PER_RANK

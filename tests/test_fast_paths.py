@@ -20,7 +20,7 @@ from test_functional import bias_from, make_case, reference_dagpam
 from gpam_fairseq.attention import functional as Fn
 from gpam_fairseq.attention.multihead import mark_causal, project
 from gpam_fairseq.modules.transformer import build_attention
-from gpam_fairseq.profiling import count_pass
+from gpam_fairseq.measurement.profiling import count_pass
 from gpam_fairseq.options import GPAMOptions
 
 E, H, B, T, S = 32, 4, 3, 6, 8

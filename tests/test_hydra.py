@@ -7,7 +7,7 @@ import subprocess
 import pytest
 import yaml
 
-from gpam_fairseq.checkpoints import load_models, load_state
+from gpam_fairseq.checkpointing.checkpoints import load_models, load_state
 from gpam_fairseq.options import DEFAULTS
 from helpers import REPO, USER_DIR
 from test_cli import BIN, ENV, cli, corpus  # noqa: F401  (corpus: fixture)

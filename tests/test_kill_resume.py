@@ -4,7 +4,7 @@ fairseq writes the first file of a save to ``<name>.tmp`` and renames it, then c
 ``checkpoint_last.pt`` (and ``checkpoint_best.pt``) in place with ``shutil.copyfile``: killed
 during that copy, a run leaves a truncated ``checkpoint_last.pt`` and the next one cannot resume
 (``OSError: [Errno 22] Invalid argument``). The plugin makes every file of a save go through a
-temporary file, fsync and ``os.replace`` (gpam_fairseq/checkpoint_glue.py).
+temporary file, fsync and ``os.replace`` (gpam_fairseq/checkpointing/glue.py).
 
 The test trains an NMT model with trainable lambdas, dropout and a checkpoint every 4 updates
 to 40 updates, and kills it several times:
@@ -34,8 +34,8 @@ import time
 
 import pytest
 
-from gpam_fairseq.fairseq_tools import log_records
-from gpam_fairseq.checkpoints import file_problem, load_state
+from gpam_fairseq.fairseq_glue.tools import log_records
+from gpam_fairseq.checkpointing.checkpoints import file_problem, load_state
 from helpers import USER_DIR
 from test_resume import BIN, COMMON, ENV, MODELS, assert_same_state, data  # noqa: F401  (data: fixture)
 

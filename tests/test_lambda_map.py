@@ -1,4 +1,4 @@
-"""The lambda map of scripts/analyze_collapse.py (gpam_fairseq/collapse_analysis.py): the grid
+"""The lambda map of scripts/analyze_collapse.py (gpam_fairseq/measurement/collapse.py): the grid
 --lambda-pos x --lambda-neg reaches the daGPAM math in both modes, (0, 0) is softmax, points
 that break the row-sum rule are refused in one line, and the trained-lambda reader returns what
 a checkpoint holds."""
@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from gpam_fairseq import collapse_analysis as ac
+from gpam_fairseq.measurement import collapse as ac
 from gpam_fairseq.options import GPAMConfigError, GPAMOptions
 from helpers import REPO
 
@@ -191,7 +191,7 @@ def test_trained_lambda_reader_returns_what_the_checkpoint_holds(tmp_path, scope
 
 
 def test_checkpoint_without_trainable_lambdas_is_named(tmp_path):
-    from gpam_fairseq.checkpoints import CheckpointError
+    from gpam_fairseq.checkpointing.checkpoints import CheckpointError
 
     model, _ = ac.build_random_model("transformer_lm_gpam", "language_modeling", "dagpam", SMALL_LM.split(), None, 40, seed=1)
     path = str(tmp_path / "fixed" / "checkpoint_last.pt")

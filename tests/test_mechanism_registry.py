@@ -17,9 +17,9 @@ from torch import nn
 
 from gpam_fairseq.attention.mechanisms import MECHANISMS, Mechanism, build_mechanism, register_mechanism
 from gpam_fairseq.attention.stats import AttentionStats, has_negative_map
-from gpam_fairseq.finetune import new_parameter_names
+from gpam_fairseq.checkpointing.finetune import new_parameter_names
 from gpam_fairseq.options import ATTENTION_TYPES, DEFAULTS, FLAG, TYPE_OPTIONS, GPAMOptions, option_value
-from gpam_fairseq.profiling import count_pass
+from gpam_fairseq.measurement.profiling import count_pass
 from helpers import USER_DIR, build_language_model, build_translation_model
 from test_cli import LM_ARCH, NMT_ARCH, TRAIN, cli, corpus, run_cli  # noqa: F401  (corpus: fixture)
 

@@ -30,8 +30,8 @@ import torch
 from gpam_fairseq.modules.transformer import build_attention
 from gpam_fairseq.options import ATTENTION_TYPES, GPAMOptions
 from helpers import REPO, USER_DIR, build_translation_model
-from gpam_fairseq.fairseq_tools import log_records
-from gpam_fairseq.synthetic_corpus import write_corpus
+from gpam_fairseq.fairseq_glue.tools import log_records
+from gpam_fairseq.recipes.synthetic_corpus import write_corpus
 
 E, H = 32, 4
 HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -242,7 +242,7 @@ def test_fairseq_train_memory_efficient_fp16_on_cpu(tmp_path):
     ({"FP16": "1"}, None, "fp16"), ({"NGPUS": "1", "FP16": "0"}, (True, True), "fp32"),  # the older variable
 ])
 def test_recipe_precision_variable(setting, cuda, expected, monkeypatch, tmp_path):
-    from gpam_fairseq.fairseq_tools import parse_training_args
+    from gpam_fairseq.fairseq_glue.tools import parse_training_args
     from gpam_fairseq.recipes.definitions import RECIPES
     from gpam_fairseq.recipes.stages import DECODING_FLAGS, PRECISION_FLAGS, Settings, precision, train_command
 

@@ -147,7 +147,7 @@ def test_iwslt14_all_stages_and_idempotence(iwslt):
     assert result["train_wps"] > 0 and result["num_updates"] == 4
     # the tiny model: fairseq's parameter count, daGPAM's share exactly one 16 x 16 W_Q- per module
     # (1 encoder self, 1 decoder self, 1 cross attention; d=32, 2 heads)
-    from gpam_fairseq.fairseq_tools import build_translation_model
+    from gpam_fairseq.fairseq_glue.tools import build_translation_model
     from helpers import count
 
     dicts = [len(read(iwslt["root"] / "data" / "data-bin" / f"dict.{lang}.txt")) + 4 for lang in ("de", "en")]
@@ -554,7 +554,7 @@ def _size_fields(args):
                                          ("enwik8", "12layer"), ("ptb", "15layer")])
 def test_named_lm_sizes_equal_their_stock_baseline(recipe, size):
     """MODEL=gpam and MODEL=baseline of a recipe build models of the same shape (Pre-LN for named ones)."""
-    from gpam_fairseq.fairseq_tools import parse_training_args
+    from gpam_fairseq.fairseq_glue.tools import parse_training_args
     from gpam_fairseq.recipes.definitions import RECIPES
 
     s = RECIPES[recipe].sizes[size]
@@ -596,7 +596,7 @@ def _all_sizes():
 def test_every_train_command_parses_with_fairseq(recipe, size, setup, monkeypatch, tmp_path):
     """Each recipe's fairseq-train line (baseline, gpam, any other --attention-type) is accepted by
     fairseq's own parser; baseline and gpam differ only in the architecture and attention flags."""
-    from gpam_fairseq.fairseq_tools import parse_training_args
+    from gpam_fairseq.fairseq_glue.tools import parse_training_args
     from gpam_fairseq.recipes.stages import Settings, train_command
 
     monkeypatch.setenv("NGPUS", "8")
@@ -624,7 +624,7 @@ def test_every_train_command_parses_with_fairseq(recipe, size, setup, monkeypatc
 
 
 def test_attention_type_is_validated_by_fairseq(monkeypatch, tmp_path):
-    from gpam_fairseq.fairseq_tools import parse_training_args
+    from gpam_fairseq.fairseq_glue.tools import parse_training_args
     from gpam_fairseq.recipes.definitions import RECIPES
     from gpam_fairseq.recipes.stages import Settings, train_command
 

@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from helpers import REPO, USER_DIR
-from gpam_fairseq.fairseq_tools import log_records
-from gpam_fairseq.synthetic_corpus import write_corpus
+from gpam_fairseq.fairseq_glue.tools import log_records
+from gpam_fairseq.recipes.synthetic_corpus import write_corpus
 
-from gpam_fairseq.checkpoints import load_state
+from gpam_fairseq.checkpointing.checkpoints import load_state
 
 BIN = os.path.dirname(sys.executable)
 ENV = {k: v for k, v in os.environ.items() if k != "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"}

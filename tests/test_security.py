@@ -2,7 +2,7 @@
 
 torch >= 2.6 already refuses a pickle that calls ``os.system``; these tests guard against the
 plugin weakening that (no weights_only=False, no global beyond fairseq's), through every loader: fairseq's own
-(``checkpoint_utils``, fairseq-generate with ``--user-dir``), ours (``gpam_fairseq.checkpoints``,
+(``checkpoint_utils``, fairseq-generate with ``--user-dir``), ours (``gpam_fairseq.checkpointing.checkpoints``,
 which every script of the project uses), hub ``from_pretrained``, and the ``torch.load`` of a
 distributed broadcast. Each malicious file would create a side-effect file if anything in it
 ran; the file must never appear (and a control load with ``weights_only=False`` shows that
@@ -23,10 +23,10 @@ import torch
 import torch.serialization as serialization
 
 import gpam_fairseq  # noqa: F401  (what --user-dir does: installs the allowlist)
-from gpam_fairseq.checkpoints import CheckpointRefused, load_models, load_state
-from gpam_fairseq.compat import CHECKPOINT_SAFE_GLOBALS
+from gpam_fairseq.checkpointing.checkpoints import CheckpointRefused, load_models, load_state
+from gpam_fairseq.fairseq_glue.compat import CHECKPOINT_SAFE_GLOBALS
 from helpers import REPO, USER_DIR
-from gpam_fairseq.synthetic_corpus import write_corpus
+from gpam_fairseq.recipes.synthetic_corpus import write_corpus
 import test_cli
 from test_cli import BIN, run_cli
 
@@ -271,7 +271,7 @@ def test_project_code_loads_checkpoints_only_through_gpam_fairseq_checkpoints():
                 code = line.split("#", 1)[0]
                 if re.search(r"torch\.load\(|weights_only\s*=\s*False|TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD([\"']\s*(\]\s*=|,)|=)", code):
                     offenders.append(f"{os.path.relpath(path, REPO)}:{n}: {line.strip()}")
-    assert not offenders, "load checkpoints with gpam_fairseq.checkpoints.load_state/load_models:\n" + "\n".join(offenders)
+    assert not offenders, "load checkpoints with gpam_fairseq.checkpointing.checkpoints.load_state/load_models:\n" + "\n".join(offenders)
 
 
 def test_loading_without_user_dir_fails_with_the_messages_the_readme_quotes(real):

@@ -35,11 +35,11 @@ def test_2000_updates_with_trainable_lambda_stay_finite_and_in_range(tmp_path):
 
     import torch
 
-    from gpam_fairseq.fairseq_tools import log_records
+    from gpam_fairseq.fairseq_glue.tools import log_records
     from helpers import USER_DIR
-    from gpam_fairseq.synthetic_corpus import write_corpus
+    from gpam_fairseq.recipes.synthetic_corpus import write_corpus
 
-    from gpam_fairseq.checkpoints import load_state
+    from gpam_fairseq.checkpointing.checkpoints import load_state
 
     bindir = os.path.dirname(sys.executable)
     env = {k: v for k, v in os.environ.items() if k != "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"}

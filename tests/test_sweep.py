@@ -196,7 +196,7 @@ def test_refusals_name_the_flag(tmp_path, monkeypatch):
 def test_quick_mode_builds_every_recipes_models(name, tmp_path, monkeypatch):
     """--quick's shrunk command lines of the other recipes (adaptive-input cutoffs below the data's
     dictionary) are models fairseq builds, for the baseline, both controls and daGPAM."""
-    from gpam_fairseq.fairseq_tools import make_dictionary, parse_training_args, task_without_data
+    from gpam_fairseq.fairseq_glue.tools import make_dictionary, parse_training_args, task_without_data
     from gpam_fairseq.recipes import controls
     from gpam_fairseq.recipes import sweep as sweep_module
     from gpam_fairseq.recipes.definitions import RECIPES

@@ -30,9 +30,9 @@ import shutil
 import sys
 import time
 
-from gpam_fairseq.fairseq_tools import (  # noqa: F401  (log_records: scripts/benchmark_fairseq_train.py imports it from here)
+from gpam_fairseq.fairseq_glue.tools import (  # noqa: F401  (log_records: scripts/benchmark_fairseq_train.py imports it from here)
     USER_DIR, fairseq_cli, log_records, parse_training_log, read_generate_output, run_logged, say, training_progress)
-from gpam_fairseq.synthetic_corpus import SRC_LANG, TGT_LANG, write_corpus
+from gpam_fairseq.recipes.synthetic_corpus import SRC_LANG, TGT_LANG, write_corpus
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
@@ -158,7 +158,7 @@ def weights_sha256(checkpoint_path: str) -> str:
     the same hash means bit-identical trained weights."""
     import torch
 
-    from gpam_fairseq.checkpoints import load_state  # torch's weights_only loading, the plugin's allowlist
+    from gpam_fairseq.checkpointing.checkpoints import load_state  # torch's weights_only loading, the plugin's allowlist
 
     state = load_state(checkpoint_path)["model"]
     digest = hashlib.sha256()

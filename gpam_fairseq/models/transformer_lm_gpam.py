@@ -17,9 +17,9 @@ from fairseq.models.transformer_lm import (
 )
 
 from gpam_fairseq.attention import stats as gpam_stats
-from gpam_fairseq.checkpoints import CheckedHubLoading
-from gpam_fairseq.compat import refuse_fully_sharded_without_cuda
-from gpam_fairseq.finetune import add_missing_mechanism_parameters
+from gpam_fairseq.checkpointing.checkpoints import CheckedHubLoading
+from gpam_fairseq.fairseq_glue.compat import refuse_fully_sharded_without_cuda
+from gpam_fairseq.checkpointing.finetune import add_missing_mechanism_parameters
 from gpam_fairseq.modules.transformer import GPAMTransformerDecoder
 from gpam_fairseq.options import LM_ROLES, GPAMConfig, GPAMConfigError, gpam_options_from_args
 
@@ -64,7 +64,7 @@ class TransformerLanguageModelGPAM(CheckedHubLoading, TransformerLanguageModel):
         gpam_stats.set_num_updates(self, num_updates)
 
     def upgrade_state_dict_named(self, state_dict, name):
-        """Also loads stock transformer_lm checkpoints: see gpam_fairseq/finetune.py."""
+        """Also loads stock transformer_lm checkpoints: see gpam_fairseq/checkpointing/finetune.py."""
         super().upgrade_state_dict_named(state_dict, name)
         add_missing_mechanism_parameters(self, state_dict, name)
 

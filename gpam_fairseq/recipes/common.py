@@ -5,8 +5,8 @@ import os
 import shlex
 import time
 
-from gpam_fairseq.fairseq_tools import run_logged, say
-from gpam_fairseq.fairseq_tools import training_progress as _demo_progress
+from gpam_fairseq.fairseq_glue.tools import run_logged, say
+from gpam_fairseq.fairseq_glue.tools import training_progress as _demo_progress
 
 
 class RecipeError(RuntimeError):

@@ -28,7 +28,7 @@ import functools
 import os
 from typing import Dict, List, Sequence, Tuple
 
-from gpam_fairseq.fairseq_tools import IWSLT_DE, IWSLT_EN, WIKI103, WMT_JOINED
+from gpam_fairseq.fairseq_glue.tools import IWSLT_DE, IWSLT_EN, WIKI103, WMT_JOINED
 
 CONTROLS = ("baseline_params", "baseline_maps")
 BASELINES = ("baseline", *CONTROLS)
@@ -236,7 +236,7 @@ def build_from_command(cmd: Sequence[str], recipe_name: str, device: str = "meta
     default (every module and parameter, no memory)."""
     import torch
 
-    from gpam_fairseq.fairseq_tools import make_dictionary, parse_training_args, task_without_data, translation_dictionaries
+    from gpam_fairseq.fairseq_glue.tools import make_dictionary, parse_training_args, task_without_data, translation_dictionaries
 
     _, cfg = parse_training_args(list(cmd[2:]))
     sizes = DICTIONARIES[recipe_name]

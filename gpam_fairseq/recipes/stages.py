@@ -24,7 +24,7 @@ import re
 import shutil
 import sys
 
-from gpam_fairseq.fairseq_tools import (REPO_ROOT, USER_DIR, fairseq_cli, log_records, parse_training_log,
+from gpam_fairseq.fairseq_glue.tools import (REPO_ROOT, USER_DIR, fairseq_cli, log_records, parse_training_log,
                                          read_generate_output, say)
 from gpam_fairseq.recipes import controls
 from gpam_fairseq.recipes.common import (RecipeError, env, env_args, env_int, has_finished, is_done, last_flag, mark_done,
@@ -280,7 +280,7 @@ def _checkpoint(s):
         return best, "checkpoint_best.pt"
     n = min(n, len(epochs))
     out = os.path.join(s.save_dir, f"checkpoint.avg{n}.pt")
-    from gpam_fairseq.checkpoint_averaging import CheckpointAveragingError, average_and_save, last_n_checkpoints
+    from gpam_fairseq.checkpointing.averaging import CheckpointAveragingError, average_and_save, last_n_checkpoints
 
     try:
         average_and_save(last_n_checkpoints(s.save_dir, n, update_based=False), out)
@@ -295,9 +295,9 @@ def compound_split(line):
 
 
 def measured(script):
-    """The command running a fairseq console script through gpam_fairseq.peak_memory, which
+    """The command running a fairseq console script through gpam_fairseq.measurement.peak_memory, which
     reports the device and the peak memory after fairseq's own last lines."""
-    return [sys.executable, "-m", "gpam_fairseq.peak_memory", script]
+    return [sys.executable, "-m", "gpam_fairseq.measurement.peak_memory", script]
 
 
 def _number(text):
@@ -307,7 +307,7 @@ def _number(text):
 def inference_figures(tool, cmd, log, log_path):
     """Decoding speed as fairseq reports it in its last lines, the batch settings passed, the
     device, and the peak memory (CUDA allocator's peak on a GPU; the process's peak RSS always)."""
-    from gpam_fairseq import peak_memory
+    from gpam_fairseq.measurement import peak_memory
 
     out = {"tool": tool, "batch_size": last_flag(cmd, "--batch-size", "--max-sentences"),
            "max_tokens": last_flag(cmd, "--max-tokens")}

@@ -33,7 +33,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Sequence
 
-from gpam_fairseq.fairseq_tools import REPO_ROOT, say
+from gpam_fairseq.fairseq_glue.tools import REPO_ROOT, say
 from gpam_fairseq.recipes import controls
 from gpam_fairseq.recipes.common import RecipeError, done_marker, env, env_args, last_flag
 from gpam_fairseq.recipes.definitions import RECIPES
@@ -474,7 +474,7 @@ def best_valid_loss(run_dir) -> Optional[float]:
     """The lowest validation loss (base 2) fairseq-train logged for the run, over all its train logs."""
     import glob
 
-    from gpam_fairseq.fairseq_tools import log_records
+    from gpam_fairseq.fairseq_glue.tools import log_records
 
     losses = []
     for path in glob.glob(os.path.join(run_dir, "train*.log")):

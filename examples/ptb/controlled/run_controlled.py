@@ -4,7 +4,7 @@ attention type, identical budget and seed, then perplexity and the collapse anal
 
 For each type in --attention-types it runs fairseq-train (same flags, same --seed, only
 --attention-type differs), fairseq-eval-lm on the test split, and finally the collapse
-analysis of scripts/analyze_collapse.py (gpam_fairseq/collapse_analysis.py) on all
+analysis of scripts/analyze_collapse.py (gpam_fairseq/measurement/collapse.py) on all
 checkpoints (the first --analysis-batch sentences of the valid split). It writes, under
 --out-dir:
 
@@ -37,7 +37,7 @@ import subprocess
 import sys
 import time
 
-from gpam_fairseq.fairseq_tools import USER_DIR, fairseq_cli
+from gpam_fairseq.fairseq_glue.tools import USER_DIR, fairseq_cli
 from gpam_fairseq.options import ATTENTION_TYPES
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -161,7 +161,7 @@ def main(argv=None):
 
     import shlex
 
-    from gpam_fairseq import collapse_analysis
+    from gpam_fairseq.measurement import collapse as collapse_analysis
 
     size_name = "quick" if args.quick else "small" if args.small else "full"
     size = dict(SIZES[size_name])

@@ -1,0 +1,81 @@
+"""Averaging the parameters of several fairseq checkpoints (fairseq-fixed ships no such script).
+
+The core of ``scripts/average_checkpoints.py`` (same interface as fairseq's script of that
+name) and of the recipes' evaluate stage (``AVERAGE=N``). Checkpoints are read through
+:func:`gpam_fairseq.checkpointing.checkpoints.load_state` (torch's weights_only loading with the plugin's
+allowlist), floating-point tensors are averaged in fp32 (fp16 ones are upcast first, as
+fairseq does), integer tensors by floor division. The output keeps the first input's
+configuration and training state, so fairseq-generate and fairseq-train load it as usual
+(pass --user-dir gpam_fairseq for our models).
+"""
+
+import collections
+import os
+import re
+from typing import List, Optional, Sequence
+
+
+from gpam_fairseq.checkpointing.checkpoints import CheckpointError
+
+
+class CheckpointAveragingError(CheckpointError):
+    """The checkpoints asked for cannot be averaged; the message names the flag or file at fault."""
+
+
+def last_n_checkpoints(folder: str, n: int, update_based: bool, upper_bound: Optional[int] = None) -> List[str]:
+    """The n newest checkpointN.pt (epochs) or checkpoint_E_U.pt (updates) of a folder."""
+    pattern = re.compile(r"checkpoint_\d+_(\d+)\.pt" if update_based else r"checkpoint(\d+)\.pt")
+    entries = []
+    for name in os.listdir(folder):
+        m = pattern.fullmatch(name)
+        if m and (upper_bound is None or int(m.group(1)) <= upper_bound):
+            entries.append((int(m.group(1)), name))
+    if len(entries) < n:
+        kind = "checkpoint_<epoch>_<update>.pt" if update_based else "checkpoint<epoch>.pt"
+        raise CheckpointAveragingError(
+            f"--inputs {folder}: found {len(entries)} {kind} files, need {n} "
+            f"(lower --num-{'update' if update_based else 'epoch'}-checkpoints)")
+    return [os.path.join(folder, name) for _, name in sorted(entries, reverse=True)[:n]]
+
+
+def average_checkpoints(paths: Sequence[str]) -> dict:
+    """The first checkpoint's state with "model" replaced by the parameter average of all."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from gpam_fairseq.checkpointing.checkpoints import load_state
+
+    sums, keys, new_state = collections.OrderedDict(), None, None
+    for i, path in enumerate(paths):
+        print(f"  [{i + 1}/{len(paths)}] {path}", flush=True)
+        state = load_state(path)
+        if new_state is None:
+            new_state = state
+        params = state["model"]
+        if keys is None:
+            keys = list(params)
+        elif list(params) != keys:
+            raise CheckpointAveragingError(
+                f"{path}: its parameter names differ from {paths[0]}'s; average checkpoints of one run")
+        for k in keys:
+            p = params[k]
+            p = p.float() if p.dtype == torch.float16 else p
+            sums[k] = p.clone() if k not in sums else sums[k] + p
+    for k, v in sums.items():
+        sums[k] = v / len(paths) if v.is_floating_point() else torch.div(v, len(paths), rounding_mode="floor")
+    new_state["model"] = sums
+    if OmegaConf.is_config(new_state.get("cfg")):  # as fairseq's trainer saves it: plain containers
+        new_state["cfg"] = OmegaConf.to_container(new_state["cfg"])
+    return new_state
+
+
+def average_and_save(paths: Sequence[str], output: str) -> None:
+    """Average ``paths`` into the checkpoint file ``output``, saying what it does."""
+    print(f"averaging {len(paths)} checkpoints -> {output}", flush=True)
+    state = average_checkpoints(paths)
+
+    from fairseq.checkpoint_utils import torch_persistent_save
+
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    torch_persistent_save(state, output)
+    print(f"wrote {output}", flush=True)

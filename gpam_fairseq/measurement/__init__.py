@@ -1,0 +1,1 @@
+"""Measurement: rank collapse and gradients, kernel and saved-bytes counting, peak memory."""
