@@ -7,7 +7,8 @@ values and returns a frozen :class:`GPAMOptions` that the layers receive explici
 (never through fairseq's ``TransformerConfig``, which drops unknown keys for LMs).
 
 The attention types, their help and the options each reads come from the registry of
-:mod:`gpam_fairseq.attention.mechanisms`.
+:mod:`gpam_fairseq.attention.mechanisms`. :class:`GPAMOptions` and :class:`GPAMConfigError`
+are defined in :mod:`gpam_fairseq.attention.config`, below the mechanisms, and importable from here.
 """
 
 import logging
@@ -18,6 +19,7 @@ from typing import Any, FrozenSet, Set, Tuple
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.utils import safe_getattr
 
+from gpam_fairseq.attention.config import ROLES, GPAMConfigError, GPAMOptions  # re-exported: their public home
 from gpam_fairseq.attention.mechanisms import MECHANISMS
 
 logger = logging.getLogger(__name__)
@@ -27,16 +29,11 @@ ATTENTION_TYPES = tuple(MECHANISMS)  # registration order: softmax, dagpam, then
 # reads (Mechanism.options_read); given with a type that does not, they are reported once.
 TYPE_OPTIONS = ("gpam_lambda_pos", "gpam_lambda_neg", "gpam_trainable_lambda", "gpam_lambda_scope",
                 "gpam_neg_query", "gpam_neg_query_init", "gpam_recompute_attention")
-ROLES = ("enc_self", "dec_self", "cross")
 NMT_ROLES = ROLES
 LM_ROLES = ("dec_self",)
 LAMBDA_SCOPES = ("module", "head")
 NEG_QUERY_SHARING = ("shared", "per_head")
 NEG_QUERY_INITS = ("neg_identity", "random")
-
-
-class GPAMConfigError(ValueError):
-    """A GPAM option has a value we refuse; the message is one line naming the flag."""
 
 
 for _mechanism in MECHANISMS.values():
@@ -130,25 +127,6 @@ class GPAMConfig(FairseqDataclass):
 _OPTIONS = [f for f in fields(GPAMConfig) if not f.name.startswith("_")]  # not fairseq's _name
 FLAG = {f.name: "--" + f.name.replace("_", "-") for f in _OPTIONS}
 DEFAULTS = {f.name: f.default for f in _OPTIONS}
-
-
-@dataclass(frozen=True)
-class GPAMOptions:
-    """Validated GPAM options, as the attention layers use them."""
-
-    attention_type: str = "dagpam"
-    lambda_pos: float = 0.2
-    lambda_neg: float = 0.2
-    trainable_lambda: bool = False
-    lambda_scope: str = "module"
-    blocks: FrozenSet[str] = frozenset(ROLES)
-    neg_query: str = "shared"
-    neg_query_init: str = "neg_identity"
-    recompute_attention: bool = False
-
-    def type_for(self, role: str) -> str:
-        """The attention type of a block: --attention-type if listed in --gpam-blocks."""
-        return self.attention_type if role in self.blocks else "softmax"
 
 
 def _choice(args: Any, name: str, allowed: Tuple[str, ...]) -> str:

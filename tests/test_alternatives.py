@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from gpam_fairseq.attention import functional as Fn
+from gpam_fairseq.attention import alternatives as Alt
 from gpam_fairseq.modules.transformer import build_attention
 from gpam_fairseq.options import GPAMConfigError, GPAMOptions
 from helpers import REPO, USER_DIR, build_language_model, build_translation_model
@@ -89,13 +89,13 @@ def test_diff_equals_official_layout():
     g = torch.Generator().manual_seed(3)
     lq1, lk1, lq2, lk2 = (torch.randn(D, generator=g, dtype=torch.float64) * 0.3 for _ in range(4))
     norm_weight = 1 + 0.1 * torch.randn(2 * D, generator=g, dtype=torch.float64)
-    lambda_init = Fn.diff_lambda_init(4)
+    lambda_init = Alt.diff_lambda_init(4)
     assert lambda_init == pytest.approx(0.8 - 0.6 * math.exp(-0.9))
-    lam = Fn.diff_lambda(lq1, lk1, lq2, lk2, lambda_init)
+    lam = Alt.diff_lambda(lq1, lk1, lq2, lk2, lambda_init)
     assert lam.item() == pytest.approx(math.exp(lq1 @ lk1) - math.exp(lq2 @ lk2) + lambda_init)
     want = reference_diff(q, k, v, lam, lambda_init, norm_weight, bias)
     for need_weights in (False, True):
-        out, w = Fn.diff_attention(q, k, v, lam, lambda_init, norm_weight, bias, need_weights=need_weights)
+        out, w = Alt.diff_attention(q, k, v, lam, lambda_init, norm_weight, bias, need_weights=need_weights)
         got = out.permute(0, 2, 1, 3).reshape(B, TQ, NH * D)
         torch.testing.assert_close(got, want, atol=1e-10, rtol=0)
     # the defining property: every row with an unmasked key sums to 1 - lambda
@@ -110,7 +110,7 @@ def test_coda_equals_reference_and_lies_in_open_interval():
     q, k, v, bias = qkv_and_bias()
     q, k = 3 * q, 3 * k  # large scores: tanh near +-1
     want = reference_coda(q, k, bias)
-    out, w = Fn.coda_attention(q, k, v, bias, need_weights=True)
+    out, w = Alt.coda_attention(q, k, v, bias, need_weights=True)
     torch.testing.assert_close(w, want, atol=1e-12, rtol=0)
     torch.testing.assert_close(out, want @ v, atol=1e-12, rtol=0)
     assert w.abs().max() < 0.5 and (w < 0).any() and (w > 0).any()  # in (-1/2, 1/2) within (-1, 1)
@@ -122,7 +122,7 @@ def test_nap_equals_reference_and_rows_are_standardised():
     gain = torch.tensor([1.0, 2.0, 0.5, -1.5], dtype=torch.float64)
     shift = torch.tensor([0.0, 0.3, -0.2, 0.1], dtype=torch.float64)
     want = reference_nap(q, k, gain, shift, bias)
-    out, w = Fn.nap_attention(q, k, v, gain.view(-1, 1, 1), shift.view(-1, 1, 1), bias, need_weights=True)
+    out, w = Alt.nap_attention(q, k, v, gain.view(-1, 1, 1), shift.view(-1, 1, 1), bias, need_weights=True)
     torch.testing.assert_close(w, want, atol=1e-12, rtol=0)
     torch.testing.assert_close(out, want @ v, atol=1e-12, rtol=0)
     keep = keep_of(bias)
@@ -137,7 +137,7 @@ def test_nap_equals_reference_and_rows_are_standardised():
 
 def test_unnormalized_weights_are_the_scaled_scores():
     q, k, v, bias = qkv_and_bias()
-    out, w = Fn.unnormalized_attention(q, k, v, bias, need_weights=True)
+    out, w = Alt.unnormalized_attention(q, k, v, bias, need_weights=True)
     scores = (q @ k.transpose(-1, -2)) / math.sqrt(D)
     keep = keep_of(bias)
     torch.testing.assert_close(w[keep], scores[keep], atol=1e-12, rtol=0)
@@ -149,7 +149,7 @@ def test_masked_bias_of_the_encoder_attn_mask_counts_as_masked():
     """fairseq's encoder attn_mask uses -1e8 (fp32) / -1e4 (fp16): masked for every mechanism."""
     q, k, v, bias = qkv_and_bias(torch.float32)
     finite = bias.masked_fill(torch.isinf(bias), -1e8)
-    for f in (Fn.coda_weights, Fn.unnormalized_weights):
+    for f in (Alt.coda_weights, Alt.unnormalized_weights):
         torch.testing.assert_close(f(q, k, finite), f(q, k, bias))
 
 
@@ -313,8 +313,8 @@ def test_chunked_l1_distances_match_the_broadcast_reference(monkeypatch):
     q = torch.randn(3, 50, 8, dtype=torch.float64, generator=gen, requires_grad=True)
     k = torch.randn(3, 40, 8, dtype=torch.float64, generator=gen, requires_grad=True)
     ref = (q[:, :, None, :] - k[:, None, :, :]).abs().sum(-1)
-    monkeypatch.setattr(Fn, "CDIST_CHUNK_ELEMENTS", 3 * 40 * 8 * 7)  # 7 query rows a chunk
-    out = Fn.l1_distances(q, k)
+    monkeypatch.setattr(Alt, "CDIST_CHUNK_ELEMENTS", 3 * 40 * 8 * 7)  # 7 query rows a chunk
+    out = Alt.l1_distances(q, k)
     torch.testing.assert_close(out, ref)
     grad = torch.randn(ref.shape, dtype=torch.float64, generator=gen)
     for a, b in zip(torch.autograd.grad(out, (q, k), grad), torch.autograd.grad(ref, (q, k), grad)):

@@ -3,7 +3,7 @@
 Pure Python and fast (no fairseq, no torch): README.md has at most 250 lines; every relative
 Markdown link in README.md, docs/**/*.md and examples/**/README.md points to an existing file,
 and a ``#anchor`` to a heading of that file (GitHub's slug rules); the lines the README quotes
-from gpam_fairseq/attention/functional.py are in that file; and no tracked file refers to
+from gpam_fairseq/attention/fused.py are in that file; and no tracked file refers to
 internal notes or tracker numbers instead of stating the fact.
 """
 
@@ -148,17 +148,17 @@ def test_relative_links_resolve(md):
 
 
 def test_readme_quotes_functional_py_verbatim():
-    """The fused path the README quotes is code of functional.py, line by line (comments aside)."""
+    """The fused path the README quotes is code of fused.py, line by line (comments aside)."""
     with open(README, encoding="utf-8") as f:
         readme = f.read()
     blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
     quoted = [b for b in blocks if "fused_attention(" in b]
-    assert quoted, "the README no longer quotes the fused path of functional.py"
-    with open(os.path.join(REPO, "gpam_fairseq", "attention", "functional.py"), encoding="utf-8") as f:
+    assert quoted, "the README no longer quotes the fused path of fused.py"
+    with open(os.path.join(REPO, "gpam_fairseq", "attention", "fused.py"), encoding="utf-8") as f:
         source = {line.strip() for line in f}
     for line in quoted[0].splitlines():
         code = line.split("#", 1)[0].strip()
-        assert not code or code in source, f"README quotes a line that is not in functional.py: {code!r}"
+        assert not code or code in source, f"README quotes a line that is not in fused.py: {code!r}"
 
 
 def test_no_references_to_internal_notes():

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from test_functional import bias_from, make_case, reference_dagpam
 
 from gpam_fairseq.attention import functional as Fn
+from gpam_fairseq.attention import fused as Fused, masks as Masks, paths as Paths
 from gpam_fairseq.attention.multihead import mark_causal, project
 from gpam_fairseq.modules.transformer import build_attention
 from gpam_fairseq.measurement.profiling import count_pass
@@ -67,8 +68,8 @@ def test_every_path_matches_reference_with_tensor_or_float_lambdas(kind, trainab
         lp, ln = LP, LN
     ref_out, ref_w = reference_dagpam(q, k, v, w, lp, ln, masked)
     bias = bias_from(masked)
-    fused, none = Fn.dagpam_attention(q, k, v, w, lp, ln, bias)
-    explicit, weights = Fn.dagpam_attention(q, k, v, w, lp, ln, bias, need_weights=True)
+    fused, none = Paths.dagpam_attention(q, k, v, w, lp, ln, bias)
+    explicit, weights = Paths.dagpam_attention(q, k, v, w, lp, ln, bias, need_weights=True)
     assert none is None
     torch.testing.assert_close(fused, ref_out, atol=ATOL, rtol=0)
     torch.testing.assert_close(explicit, ref_out, atol=ATOL, rtol=0)
@@ -80,7 +81,7 @@ def test_explicit_dropout_equals_two_products_with_the_same_masks():
     q, k, v, w, masked = make_case("causal", seed=11)
     bias = bias_from(masked)
     torch.manual_seed(123)
-    out, weights = Fn.dagpam_attention(q, k, v, w, LP, LN, bias, dropout_p=0.4, need_weights=True)
+    out, weights = Paths.dagpam_attention(q, k, v, w, LP, LN, bias, dropout_p=0.4, need_weights=True)
     torch.manual_seed(123)
     dropped = F.dropout(Fn.dagpam_probabilities(q, k, w, bias), 0.4, training=True)
     want = (1 + LP) * (dropped[:, :, 0] @ v) - LN * (dropped[:, :, 1] @ v)
@@ -99,7 +100,7 @@ def test_fused_and_explicit_gradients_agree(kind):
         q, k, v, w, masked = make_case(kind, seed=5)
         for t in (q, k, v, w):
             t.requires_grad_(True)
-        out, _ = Fn.dagpam_attention(q, k, v, w, LP, LN, bias_from(masked), need_weights=need_weights)
+        out, _ = Paths.dagpam_attention(q, k, v, w, LP, LN, bias_from(masked), need_weights=need_weights)
         (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
         grads.append([t.grad for t in (q, k, v, w)])
     for a, b in zip(*grads):
@@ -109,7 +110,7 @@ def test_fused_and_explicit_gradients_agree(kind):
 def test_bf16_explicit_path_close_to_reference():
     q, k, v, w, masked = make_case("causal", dtype=torch.float32, Tq=12, Tk=12, d=16, seed=2)
     ref, ref_w = reference_dagpam(q, k, v, w, LP, LN, masked)
-    out, weights = Fn.dagpam_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), w.bfloat16(), LP, LN,
+    out, weights = Paths.dagpam_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), w.bfloat16(), LP, LN,
                                        bias_from(masked).bfloat16(), need_weights=True)
     assert out.dtype == torch.bfloat16 and weights.dtype == torch.float32
     torch.testing.assert_close(out.double(), ref, atol=6e-2, rtol=6e-2)
@@ -241,7 +242,7 @@ def test_cuda_paths_match_reference_and_never_synchronize(dtype):
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        outs = [Fn.dagpam_attention(*cuda[:4], LP, LN, cuda[4], need_weights=nw)[0] for nw in (False, True)]
+        outs = [Paths.dagpam_attention(*cuda[:4], LP, LN, cuda[4], need_weights=nw)[0] for nw in (False, True)]
         sum(o.float().sum() for o in outs).backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
@@ -302,8 +303,8 @@ def test_cuda_causal_path_and_fully_masked_rows(dtype):
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        out, _ = Fn.dagpam_attention(*cuda, LP, LN, Fn.Mask(causal=True))
-        f_out, _ = Fn.dagpam_attention(*f_cuda, LP, LN, Fn.Mask(f_bias))
+        out, _ = Paths.dagpam_attention(*cuda, LP, LN, Masks.Mask(causal=True))
+        f_out, _ = Paths.dagpam_attention(*f_cuda, LP, LN, Masks.Mask(f_bias))
         (out.float().sum() + f_out.float().sum()).backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
@@ -313,14 +314,14 @@ def test_cuda_causal_path_and_fully_masked_rows(dtype):
     for t in cuda[:3] + f_cuda[:3]:
         assert torch.isfinite(t.grad).all()
     if dtype != torch.float32:  # FlashAttention takes grouped-query heads in half precision
-        assert Fn.can_share_kv_heads(cuda[0].repeat(1, 2, 1, 1), cuda[1], cuda[2], 0.0)
+        assert Fused.can_share_kv_heads(cuda[0].repeat(1, 2, 1, 1), cuda[1], cuda[2], 0.0)
 
 
 # ----------------------------------------------------------------------------- one fused call
 
 
 def causal_mask_object():
-    return Fn.Mask(causal=True)
+    return Masks.Mask(causal=True)
 
 
 @pytest.mark.parametrize("trainable", [False, True])
@@ -335,7 +336,7 @@ def test_causal_flag_path_matches_reference_and_dense_mask_path(trainable):
     grads = []
     for mask in (causal_mask_object(), bias_from(masked)):
         leaves = [t.clone().requires_grad_(True) for t in (q, k, v, w)]
-        out, _ = Fn.dagpam_attention(*leaves, lp, ln, mask)
+        out, _ = Paths.dagpam_attention(*leaves, lp, ln, mask)
         torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
         (out * torch.cos(torch.arange(out.numel(), dtype=out.dtype)).view_as(out)).sum().backward()
         grads.append([t.grad for t in leaves])
@@ -350,9 +351,9 @@ def test_stacked_queries_are_views_in_the_memory_order_of_q():
     q = phys.permute(1, 2, 0, 3)
     q_neg = torch.randn(B, H, T, 8, generator=g, dtype=torch.float64)
     for on_heads, shape in ((True, (B, 2 * H, T, 8)), (False, (B, H, 2 * T, 8))):
-        both = Fn.stack_queries(q, q_neg, on_heads)
+        both = Fused.stack_queries(q, q_neg, on_heads)
         assert both.shape == shape and both._base is not None  # a view of the one stacked copy
-        pos, neg = Fn._unstack_queries(both, on_heads, q.shape)
+        pos, neg = Fused._unstack_queries(both, on_heads, q.shape)
         assert torch.equal(pos, q) and torch.equal(neg, q_neg)
         assert Fn.physical_order(pos) == Fn.physical_order(q)
 
@@ -367,7 +368,7 @@ def test_signed_combination_every_branch(lambdas):
     rows = torch.zeros(B, 1, T, 1, dtype=torch.bool)
     rows[1, 0, 2] = True
     order = [2, 0, 1, 3]
-    out = Fn.signed_combination(pair, lp, ln, rows, order)
+    out = Fused.signed_combination(pair, lp, ln, rows, order)
     want = ((1 + lp) * pair[:, :, 0] - ln * pair[:, :, 1]).masked_fill(rows, 0.0)
     torch.testing.assert_close(out, want, atol=ATOL, rtol=0)
     assert out.permute(order).is_contiguous()  # merging the heads afterwards is a view
@@ -390,12 +391,12 @@ def test_mask_from_parts_matches_the_plain_bias(kind):
         attn = torch.triu(torch.full((T, T), float("-inf"), dtype=torch.float64), 1).view(1, 1, T, T)
     if kind == "general":
         attn = torch.zeros(1, 1, T, T, dtype=torch.float64).masked_fill(torch.rand(T, T, generator=g) < 0.3, float("-inf"))
-    parts = Fn.Mask.from_parts(attn, kpm, torch.float64, causal_bias=kind == "causal_padding")
+    parts = Masks.Mask.from_parts(attn, kpm, torch.float64, causal_bias=kind == "causal_padding")
     pad_bias = torch.zeros(B, 1, 1, T, dtype=torch.float64).masked_fill(kpm.view(B, 1, 1, T), float("-inf"))
     plain = pad_bias if attn is None else attn + pad_bias
     stacked = parts.stacked_bias()  # first, before the bias: built from the parts directly
     torch.testing.assert_close(parts.bias, plain, atol=0, rtol=0)
-    torch.testing.assert_close(stacked, Fn.Mask(plain).stacked_bias(), atol=0, rtol=0)
+    torch.testing.assert_close(stacked, Masks.Mask(plain).stacked_bias(), atol=0, rtol=0)
     rows = Fn.all_keys_masked(plain)
     assert torch.equal(parts.empty_rows.expand_as(rows), rows)
     assert rows.any() and not rows.all()

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from gpam_fairseq.attention import functional as Fn
+from gpam_fairseq.attention import paths as Paths
 
 NEG_INF = float("-inf")
 
@@ -67,7 +67,7 @@ def test_matches_literal_reference_in_float64(kind, per_head, need_weights):
     q, k, v, w, masked = make_case(kind, per_head=per_head)
     lambda_pos, lambda_neg = 0.3, 0.45
     ref_out, ref_w = reference_dagpam(q, k, v, w, lambda_pos, lambda_neg, masked)
-    out, weights = Fn.dagpam_attention(q, k, v, w, lambda_pos, lambda_neg, bias_from(masked).to(q.dtype), need_weights=need_weights)
+    out, weights = Paths.dagpam_attention(q, k, v, w, lambda_pos, lambda_neg, bias_from(masked).to(q.dtype), need_weights=need_weights)
     torch.testing.assert_close(out, ref_out, atol=1e-10, rtol=0)
     if need_weights:
         torch.testing.assert_close(weights, ref_w, atol=1e-10, rtol=0)
@@ -81,7 +81,7 @@ def test_per_head_trainable_lambdas_match_reference(kind):
     lp = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64).view(-1, 1, 1)
     ln = torch.tensor([0.5, 0.0, 0.25, 1.0], dtype=torch.float64).view(-1, 1, 1)
     ref_out, _ = reference_dagpam(q, k, v, w, lp, ln, masked)
-    out, _ = Fn.dagpam_attention(q, k, v, w, lp, ln, bias_from(masked))
+    out, _ = Paths.dagpam_attention(q, k, v, w, lp, ln, bias_from(masked))
     torch.testing.assert_close(out, ref_out, atol=1e-10, rtol=0)
 
 
@@ -89,8 +89,8 @@ def test_per_head_trainable_lambdas_match_reference(kind):
 def test_fused_equals_explicit_in_fp32(kind):
     q, k, v, w, masked = make_case(kind, dtype=torch.float32, B=4, Tq=20, d=16, seed=3)
     bias = bias_from(masked).float()
-    fused, _ = Fn.dagpam_attention(q, k, v, w, 0.2, 0.35, bias, need_weights=False)
-    explicit, _ = Fn.dagpam_attention(q, k, v, w, 0.2, 0.35, bias, need_weights=True)
+    fused, _ = Paths.dagpam_attention(q, k, v, w, 0.2, 0.35, bias, need_weights=False)
+    explicit, _ = Paths.dagpam_attention(q, k, v, w, 0.2, 0.35, bias, need_weights=True)
     torch.testing.assert_close(fused, explicit, atol=1e-5, rtol=0)
 
 
@@ -98,7 +98,7 @@ def test_weights_rows_sum_masked_zero_and_negative_entries():
     q, k, v, w, masked = make_case("causal", dtype=torch.float32, Tq=10, d=16)
     masked[0, 4] = True  # one fully masked row inside a sequence
     lambda_pos, lambda_neg = 0.3, 0.5
-    _, p_g = Fn.dagpam_attention(q, k, v, -torch.eye(16), lambda_pos, lambda_neg, bias_from(masked).float(), need_weights=True)
+    _, p_g = Paths.dagpam_attention(q, k, v, -torch.eye(16), lambda_pos, lambda_neg, bias_from(masked).float(), need_weights=True)
     masked4 = masked.unsqueeze(1).expand_as(p_g)
     assert torch.all(p_g[masked4] == 0)
     live = ~masked.all(-1)  # (B, Tq): rows with at least one visible key
@@ -115,8 +115,8 @@ def test_zero_lambdas_equal_softmax():
     q, k, v, w, masked = make_case("causal", dtype=torch.float32, d=16)
     bias = bias_from(masked).float()
     for need_weights in (False, True):
-        ours, w_ours = Fn.dagpam_attention(q, k, v, w, 0.0, 0.0, bias, need_weights=need_weights)
-        soft, w_soft = Fn.softmax_attention(q, k, v, bias, need_weights=need_weights)
+        ours, w_ours = Paths.dagpam_attention(q, k, v, w, 0.0, 0.0, bias, need_weights=need_weights)
+        soft, w_soft = Paths.softmax_attention(q, k, v, bias, need_weights=need_weights)
         torch.testing.assert_close(ours, soft, atol=1e-6, rtol=0)
         if need_weights:
             torch.testing.assert_close(w_ours, w_soft, atol=1e-6, rtol=0)
@@ -126,7 +126,7 @@ def test_zero_lambdas_equal_softmax():
 def test_fully_masked_rows_are_zero_with_finite_gradients(need_weights):
     q, k, v, w, masked = make_case("fully_masked", dtype=torch.float32)
     q.requires_grad_(True)
-    out, _ = Fn.dagpam_attention(q, k, v, w, 0.2, 0.2, bias_from(masked).float(), need_weights=need_weights)
+    out, _ = Paths.dagpam_attention(q, k, v, w, 0.2, 0.2, bias_from(masked).float(), need_weights=need_weights)
     assert torch.isfinite(out).all()
     assert torch.all(out[2] == 0)
     out.sum().backward()
@@ -136,9 +136,9 @@ def test_fully_masked_rows_are_zero_with_finite_gradients(need_weights):
 def test_bf16_combination_is_finite_and_close():
     q, k, v, w, masked = make_case("causal", dtype=torch.float32, d=16)
     bias = bias_from(masked).float()
-    ref, _ = Fn.dagpam_attention(q, k, v, w, 0.2, 0.2, bias)
+    ref, _ = Paths.dagpam_attention(q, k, v, w, 0.2, 0.2, bias)
     for need_weights in (False, True):
-        out, weights = Fn.dagpam_attention(
+        out, weights = Paths.dagpam_attention(
             q.bfloat16(), k.bfloat16(), v.bfloat16(), w.bfloat16(), 0.2, 0.2, bias.bfloat16(), need_weights=need_weights
         )
         assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
@@ -151,10 +151,10 @@ def test_dropout_keeps_the_expectation():
     """Independent dropout on the two maps: the mean over many draws approaches P_G V."""
     q, k, v, w, masked = make_case("padding", dtype=torch.float64, B=2, H=2, Tq=4, d=8)
     bias = bias_from(masked)
-    exact, _ = Fn.dagpam_attention(q, k, v, w, 0.3, 0.3, bias)
+    exact, _ = Paths.dagpam_attention(q, k, v, w, 0.3, 0.3, bias)
     torch.manual_seed(0)
     for need_weights in (False, True):
-        draws = torch.stack([Fn.dagpam_attention(q, k, v, w, 0.3, 0.3, bias, dropout_p=0.3, need_weights=need_weights)[0] for _ in range(3000)])
+        draws = torch.stack([Paths.dagpam_attention(q, k, v, w, 0.3, 0.3, bias, dropout_p=0.3, need_weights=need_weights)[0] for _ in range(3000)])
         assert not torch.allclose(draws[0], exact)
         torch.testing.assert_close(draws.mean(0), exact, atol=0.08, rtol=0)
 
@@ -167,5 +167,5 @@ def test_gradcheck_w_q_neg_and_lambdas():
     ln = torch.tensor([0.2], dtype=torch.float64, requires_grad=True)
     q = q.requires_grad_(True)
     for need_weights in (False, True):
-        f = lambda q_, w_, a, b: Fn.dagpam_attention(q_, k, v, w_, a, b, bias, need_weights=need_weights)[0]
+        f = lambda q_, w_, a, b: Paths.dagpam_attention(q_, k, v, w_, a, b, bias, need_weights=need_weights)[0]
         assert torch.autograd.gradcheck(f, (q, w, lp, ln))

@@ -90,7 +90,7 @@ def test_values_match_the_weights_of_the_mechanism():
     with torch.no_grad():
         _, w = attn(x, enc["encoder_out"][0], enc["encoder_out"][0], key_padding_mask=enc["encoder_padding_mask"][0],
                     need_weights=True, need_head_weights=True)
-    from gpam_fairseq.attention.functional import Mask
+    from gpam_fairseq.attention.masks import Mask
     from gpam_fairseq.attention.stats import AttentionStats
 
     q = attn._split_heads(attn.q_proj(x), 2)
@@ -166,7 +166,7 @@ def test_row_sum_ignores_fully_masked_rows_and_is_nan_without_any_key():
     unmasked key (computed without boolean indexing, i.e. without a host sync on GPUs)."""
     from gpam_fairseq.attention import functional
     from gpam_fairseq.attention.mechanisms import build_mechanism
-    from gpam_fairseq.attention.functional import Mask
+    from gpam_fairseq.attention.masks import Mask
     from gpam_fairseq.attention.stats import AttentionStats
     from gpam_fairseq.options import GPAMOptions
 

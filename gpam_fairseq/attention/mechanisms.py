@@ -3,10 +3,12 @@
 A mechanism maps per-head queries, keys and values to per-head outputs (and, when asked,
 the attention weights). It owns only what is specific to it (W_Q- and the lambdas for
 daGPAM); projections, masks and caches live in :mod:`gpam_fairseq.attention.multihead`.
-The math itself is in :mod:`gpam_fairseq.attention.functional`.
+The math itself is in :mod:`gpam_fairseq.attention.functional` (daGPAM's reference math),
+:mod:`gpam_fairseq.attention.paths` (the calls, explicit or fused) and
+:mod:`gpam_fairseq.attention.alternatives` (the other mechanisms).
 
 The registry ``MECHANISMS`` (name -> class, in registration order) is the one list of
-attention types. Adding one takes its math as a function in functional.py and one
+attention types. Adding one takes its math as a function in alternatives.py and one
 :class:`Mechanism` subclass here, decorated with :func:`register_mechanism`, that declares:
 
     name               its --attention-type value
@@ -27,16 +29,14 @@ every type against what its module does.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, ClassVar, Dict, Optional, Tuple, Type, Union
+from typing import ClassVar, Dict, Optional, Tuple, Type, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gpam_fairseq.attention import functional
-
-if TYPE_CHECKING:  # options.py imports this module to list the attention types
-    from gpam_fairseq.options import GPAMOptions
+from gpam_fairseq.attention import alternatives, functional, masks, paths
+from gpam_fairseq.attention.config import GPAMConfigError, GPAMOptions
 
 
 class Mechanism(nn.Module):
@@ -101,7 +101,7 @@ class SoftmaxMechanism(Mechanism):
     help = "the stock Transformer's attention, for baselines trained by the same code"
 
     def forward(self, q, k, v, bias=None, dropout_p: float = 0.0, need_weights: bool = False):
-        return functional.softmax_attention(q, k, v, bias, dropout_p, need_weights)
+        return paths.softmax_attention(q, k, v, bias, dropout_p, need_weights)
 
 
 def _inverse_softplus(y: float) -> float:
@@ -169,7 +169,7 @@ class DaGPAMMechanism(Mechanism):
 
     def forward(self, q, k, v, bias=None, dropout_p: float = 0.0, need_weights: bool = False):
         lambda_pos, lambda_neg = self.lambdas()
-        return functional.dagpam_attention(
+        return paths.dagpam_attention(
             q, k, v, self.w_q_neg, lambda_pos, lambda_neg, bias, dropout_p, need_weights, recompute=self.recompute
         )
 
@@ -186,12 +186,12 @@ class DaGPAMMechanism(Mechanism):
 
 
 # ----------------------------------------------------------------------------- alternatives
-# The mechanisms the paper compares daGPAM with (their math: functional.py).
+# The mechanisms the paper compares daGPAM with (their math: alternatives.py).
 
 
 @register_mechanism
 class DiffMechanism(Mechanism):
-    """Differential attention (Ye et al. 2024, arXiv:2410.05258), see ``functional.diff_attention``.
+    """Differential attention (Ye et al. 2024, arXiv:2410.05258), see ``alternatives.diff_attention``.
 
     Heads 2i and 2i+1 form one differential head (so the number of heads must be even):
     A = softmax(Q1 K1^T) - lambda softmax(Q2 K2^T), O = (1 - lambda_init) RMSNorm(A [V1 V2]).
@@ -211,8 +211,6 @@ class DiffMechanism(Mechanism):
     def __init__(self, num_heads: int, head_dim: int, options: Optional[GPAMOptions] = None, layer_index: int = 1):
         super().__init__()
         if num_heads % 2:
-            from gpam_fairseq.options import GPAMConfigError  # options.py imports this module
-
             raise GPAMConfigError(
                 f"--encoder-attention-heads/--decoder-attention-heads: --attention-type diff pairs "
                 f"heads 2i, 2i+1 into one differential head, so the number of heads must be even, got {num_heads}"
@@ -220,7 +218,7 @@ class DiffMechanism(Mechanism):
         self.num_heads = num_heads
         self.head_dim = head_dim
         self.layer_index = layer_index
-        self.lambda_init = functional.diff_lambda_init(layer_index)
+        self.lambda_init = alternatives.diff_lambda_init(layer_index)
         self.lambda_q1 = nn.Parameter(torch.empty(head_dim))
         self.lambda_k1 = nn.Parameter(torch.empty(head_dim))
         self.lambda_q2 = nn.Parameter(torch.empty(head_dim))
@@ -235,10 +233,10 @@ class DiffMechanism(Mechanism):
             self.norm_weight.fill_(1.0)
 
     def lambda_full(self) -> Tensor:
-        return functional.diff_lambda(self.lambda_q1, self.lambda_k1, self.lambda_q2, self.lambda_k2, self.lambda_init)
+        return alternatives.diff_lambda(self.lambda_q1, self.lambda_k1, self.lambda_q2, self.lambda_k2, self.lambda_init)
 
     def forward(self, q, k, v, bias=None, dropout_p: float = 0.0, need_weights: bool = False):
-        return functional.diff_attention(
+        return alternatives.diff_attention(
             q, k, v, self.lambda_full(), self.lambda_init, self.norm_weight, bias, dropout_p, need_weights
         )
 
@@ -251,21 +249,21 @@ class CoDAMechanism(Mechanism):
     """Compositional de-attention (Tay et al. 2019): tanh(E) * sigmoid(N) V, not normalised.
 
     E = Q K^T / sqrt(d_h), N = -||q_i - k_j||_1 / sqrt(d_h); weights lie in (-1/2, 1/2).
-    No parameters. See ``functional.coda_attention``.
+    No parameters. See ``alternatives.coda_attention``.
     """
 
     name = "coda"
     help = "compositional de-attention, Tay et al. 2019"
 
     def forward(self, q, k, v, bias=None, dropout_p: float = 0.0, need_weights: bool = False):
-        return functional.coda_attention(q, k, v, bias, dropout_p, need_weights)
+        return alternatives.coda_attention(q, k, v, bias, dropout_p, need_weights)
 
     def scores(self, q: Tensor, k: Tensor, bias: Optional[Tensor] = None) -> Tensor:
         """E and N stacked on a leading axis of size 2 (masked entries -inf in both)."""
         e = functional.attention_scores(q, k, bias)
-        l1 = functional.l1_distances(q.reshape(-1, q.size(-2), q.size(-1)), k.reshape(-1, k.size(-2), k.size(-1)))
+        l1 = alternatives.l1_distances(q.reshape(-1, q.size(-2), q.size(-1)), k.reshape(-1, k.size(-2), k.size(-1)))
         n = -l1.view(e.shape) * q.size(-1) ** -0.5
-        keep = functional.unmasked_keys(bias)
+        keep = masks.unmasked_keys(bias)
         if keep is not None:
             n = n.masked_fill(~keep, float("-inf"))
         return torch.stack([e, n])
@@ -277,7 +275,7 @@ class NAPMechanism(Mechanism):
 
     W = gain * (S - mean S) / std S + shift over each query's unmasked keys, O = W V; one
     learned (gain, shift) per head, initialised (1, 0) as in the authors' code, kept fp32.
-    See ``functional.nap_attention``.
+    See ``alternatives.nap_attention``.
     """
 
     name = "nap"
@@ -292,21 +290,21 @@ class NAPMechanism(Mechanism):
 
     def forward(self, q, k, v, bias=None, dropout_p: float = 0.0, need_weights: bool = False):
         gain, shift = (p.to(functional.accumulation_dtype(p)).view(-1, 1, 1) for p in (self.gain, self.shift))
-        return functional.nap_attention(q, k, v, gain, shift, bias, dropout_p, need_weights)
+        return alternatives.nap_attention(q, k, v, gain, shift, bias, dropout_p, need_weights)
 
 
 @register_mechanism
 class UnnormalizedMechanism(Mechanism):
     """Scaled scores used directly as weights: (Q K^T / sqrt(d_h)) V, masked keys 0.
 
-    Our reading of the GPAM paper's "NON" baseline. See ``functional.unnormalized_attention``.
+    Our reading of the GPAM paper's "NON" baseline. See ``alternatives.unnormalized_attention``.
     """
 
     name = "unnormalized"
     help = "scaled scores times V, the paper's unnormalized baseline"
 
     def forward(self, q, k, v, bias=None, dropout_p: float = 0.0, need_weights: bool = False):
-        return functional.unnormalized_attention(q, k, v, bias, dropout_p, need_weights)
+        return alternatives.unnormalized_attention(q, k, v, bias, dropout_p, need_weights)
 
 
 def build_mechanism(

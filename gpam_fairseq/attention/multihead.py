@@ -19,7 +19,8 @@ import torch
 from fairseq.modules import MultiheadAttention
 from torch import Tensor, nn
 
-from gpam_fairseq.attention.functional import KeptAliveCache, Mask, recomputed_instead_of_saved, tensor_identity
+from gpam_fairseq.attention.fused import KeptAliveCache, recomputed_instead_of_saved, tensor_identity
+from gpam_fairseq.attention.masks import Mask
 
 # An observer sees every call's per-head queries and keys and its mask (attention/stats.py).
 Observer = Callable[[nn.Module, Tensor, Tensor, Mask], None]

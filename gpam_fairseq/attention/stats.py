@@ -31,9 +31,10 @@ from fairseq.logging import metrics
 from fairseq.utils import safe_getattr
 from torch import Tensor, nn
 
-from gpam_fairseq.attention import functional
+from gpam_fairseq.attention import functional, masks
+from gpam_fairseq.attention.config import GPAMConfigError
 from gpam_fairseq.attention.mechanisms import Mechanism
-from gpam_fairseq.options import DEFAULTS, GPAMConfigError
+from gpam_fairseq.options import DEFAULTS
 
 SAMPLE_QUERIES = 16
 PRIORITY = 1000  # after fairseq's own scalars in the printed logs
@@ -76,7 +77,7 @@ class AttentionStats:
 
     def __call__(self, attention: nn.Module, q: Tensor, k: Tensor, mask) -> None:
         """An observer of GPAMMultiheadAttention (``add_observer``): the per-head q (B,H,Tq,d),
-        k and the call's mask (a functional.Mask, or an additive bias tensor)."""
+        k and the call's mask (a masks.Mask, or an additive bias tensor)."""
         if attention.training:
             if self.num_updates % self.interval or self.num_updates == self.last_logged_update:
                 return
@@ -85,7 +86,7 @@ class AttentionStats:
         if attention.training:
             self.last_logged_update = self.num_updates
         with torch.no_grad():
-            names, values = self.compute(attention.mechanism, q, k, functional.as_mask(mask).dense_bias(q, k))
+            names, values = self.compute(attention.mechanism, q, k, masks.as_mask(mask).dense_bias(q, k))
         for name, value in zip(names, values.tolist()):  # one device sync per call
             metrics.log_scalar(self.prefix + name, value, weight=1, priority=PRIORITY, round=4)
 
