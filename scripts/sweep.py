@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """λ sweeps: a grid of daGPAM settings × seeds for one recipe, with its baselines, through the
-recipe's own train and evaluate stages (gpam_fairseq/recipes/sweep.py; --help for the options)."""
+recipe's own train and evaluate stages (gpam_fairseq/recipes/sweep/; --help for the options)."""
 import sys
 
 from gpam_fairseq.recipes.sweep import main

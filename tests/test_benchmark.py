@@ -4,11 +4,11 @@ a --quick run of every row (its timings mean nothing on a CPU: the tests check t
 import csv
 import math
 
-import benchmark
 import pytest
 import torch
 
 from gpam_fairseq.attention.mechanisms import MECHANISMS
+from gpam_fairseq.measurement import benchmark
 
 # The budgets of the fused paths, in kernels launched (a fused attention call counting one
 # each way, as on a GPU) and bytes kept for the backward pass, against stock fairseq.

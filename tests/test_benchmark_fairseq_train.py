@@ -6,10 +6,10 @@ import os
 import subprocess
 import sys
 
-import benchmark_fairseq_train as bft
 import pytest
 
 from gpam_fairseq.fairseq_glue.tools import REPO_ROOT as REPO
+from gpam_fairseq.measurement import fairseq_train_speed as bft
 
 SCRIPT = os.path.join(REPO, "scripts", "benchmark_fairseq_train.py")
 

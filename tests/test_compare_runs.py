@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-import compare_runs  # scripts/, on the path through conftest.py
+from gpam_fairseq.recipes import compare as compare_runs
 from helpers import REPO
 
 WORDS = "the a cat dog house tree sees likes big small red blue old new fast and".split()

@@ -1,7 +1,7 @@
 """scripts/gpu_checks.py: one command; without CUDA it says so and succeeds, its table is well formed."""
 
 import csv
-import importlib.util
+import importlib
 import os
 import subprocess
 import sys
@@ -12,10 +12,7 @@ SCRIPT = os.path.join(REPO, "scripts", "gpu_checks.py")
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("gpu_checks", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("gpam_fairseq.measurement.gpu_checks")
 
 
 def test_skips_cleanly_without_cuda(tmp_path):

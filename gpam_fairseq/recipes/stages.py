@@ -26,7 +26,7 @@ import sys
 
 from gpam_fairseq.fairseq_glue.tools import (REPO_ROOT, USER_DIR, fairseq_cli, log_records, parse_training_log,
                                          read_generate_output, say)
-from gpam_fairseq.recipes import controls
+from gpam_fairseq.recipes import matched_controls as controls  # below stages (controls.py imports stages)
 from gpam_fairseq.recipes.common import (RecipeError, env, env_args, env_int, has_finished, is_done, last_flag, mark_done,
                                          run_cli, training_progress)
 from gpam_fairseq.recipes.definitions import RECIPES, prepare_for
