@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from gpam_fairseq.attention.functional import inverse_permutation, physical_order, restored_rng, rng_state
+from gpam_fairseq.attention.functional import inverse_permutation, physical_order
+from gpam_fairseq.attention.fused import restored_rng, rng_state
 
 aten = torch.ops.aten
 

@@ -1,0 +1,1 @@
+"""fairseq's Transformer encoder/decoder layers and stacks with the attention swapped."""
