@@ -130,14 +130,23 @@ def _finite(x):
     return x == x and abs(x) != float("inf")
 
 
-def fp16_loss_scale(nmt_bin, out_dir, timeout):
-    cmd = [*TRAIN, nmt_bin, "--user-dir", USER_DIR, *NMT, *COMMON, "--fp16",
-           "--max-update", "300", "--no-save"]
-    say("  [fp16_loss_scale] fairseq-train --fp16, 300 updates")
-    code, out = run_logged(cmd, os.path.join(out_dir, "fp16_loss_scale.log"), timeout)
+def train_records(name, nmt_bin, precision_flag, updates, out_dir, timeout):
+    """fairseq-train of the small NMT model in one precision: (its train_inner records, None), or
+    (None, why it failed)."""
+    cmd = [*TRAIN, nmt_bin, "--user-dir", USER_DIR, *NMT, *COMMON, precision_flag,
+           "--max-update", str(updates), "--no-save"]
+    say(f"  [{name}] fairseq-train {precision_flag}, {updates} updates")
+    code, out = run_logged(cmd, os.path.join(out_dir, f"{name}.log"), timeout)
     if code != 0:
-        return False, f"exit {code}: {last_error(out)}"
+        return None, f"exit {code}: {last_error(out)}"
     stats = log_records(out.splitlines(), "train_inner")
+    return (stats, None) if stats else (None, "no train_inner records in the log")
+
+
+def fp16_loss_scale(nmt_bin, out_dir, timeout):
+    stats, failure = train_records("fp16_loss_scale", nmt_bin, "--fp16", 300, out_dir, timeout)
+    if failure:
+        return False, failure
     losses = [float(s["loss"]) for s in stats]
     scales = [float(s["loss_scale"]) for s in stats if "loss_scale" in s]
     if not scales:
@@ -202,16 +211,10 @@ def autocast_check(dtype_name):
 
 
 def fairseq_bf16_flag(nmt_bin, out_dir, timeout):
-    cmd = [*TRAIN, nmt_bin, "--user-dir", USER_DIR, *NMT, *COMMON, "--bf16",
-           "--max-update", "100", "--no-save"]
-    say("  [fairseq_bf16_flag] fairseq-train --bf16, 100 updates")
-    code, out = run_logged(cmd, os.path.join(out_dir, "fairseq_bf16_flag.log"), timeout)
-    if code != 0:
-        return False, f"exit {code}: {last_error(out)}"
-    stats = log_records(out.splitlines(), "train_inner")
+    stats, failure = train_records("fairseq_bf16_flag", nmt_bin, "--bf16", 100, out_dir, timeout)
+    if failure:
+        return False, failure
     losses = [float(s["loss"]) for s in stats]
-    if not losses:
-        return False, "no train_inner records in the log"
     scaled = [s["loss_scale"] for s in stats if "loss_scale" in s]
     ok = all(map(_finite, losses)) and losses[-1] < losses[0] and not scaled
     return ok, f"loss {losses[0]:.3f}->{losses[-1]:.3f}; {'loss scale logged' if scaled else 'no loss scale'}"
