@@ -44,6 +44,16 @@ def run_all(jobs):
         return {name: future.result() for name, future in futures.items()}
 
 
+def hypotheses(text):
+    """{sentence id: (score, tokens)} of fairseq-generate's H- lines."""
+    found = {}
+    for line in text.splitlines():
+        if line.startswith("H-"):
+            key, score, tokens = line.split("\t")
+            found[int(key[2:])] = (float(score), tokens)
+    return found
+
+
 def last_line(text):
     lines = text.strip().splitlines()
     return lines[-1] if lines else ""

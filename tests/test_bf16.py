@@ -41,7 +41,7 @@ import time
 import pytest
 import torch
 
-from cli_runs import BIN, ENV, checked, command, describe, last_line, run, run_all, tiny_runs
+from cli_runs import BIN, ENV, checked, command, describe, hypotheses, last_line, run, run_all, tiny_runs
 from gpam_fairseq.checkpointing.checkpoints import load_state
 from gpam_fairseq.fairseq_glue.tools import log_records
 from helpers import REPO, USER_DIR
@@ -107,16 +107,6 @@ def assert_follows(bf16, fp32, tol, what):
 
 def float_dtypes(state):
     return {name: t.dtype for name, t in state["model"].items() if t.is_floating_point()}
-
-
-def hypotheses(text):
-    """{sentence id: (score, tokens)} of fairseq-generate's H- lines."""
-    found = {}
-    for line in text.splitlines():
-        if line.startswith("H-"):
-            key, score, tokens = line.split("\t")
-            found[int(key[2:])] = (float(score), tokens)
-    return found
 
 
 def positional_scores(text):

@@ -10,20 +10,10 @@ import sys
 
 import pytest
 
-from cli_runs import checked, command, run
+from cli_runs import checked, command, hypotheses, run
 from helpers import REPO, USER_DIR
 
 FIXTURES = os.path.join(REPO, "tests", "fixtures", "checkpoints_before_layout")
-
-
-def hypotheses(text):
-    """{sentence id: (score, tokens)} of fairseq-generate's H- lines."""
-    out = {}
-    for line in text.splitlines():
-        if line.startswith("H-"):
-            tag, score, tokens = line.split("\t")
-            out[int(tag[2:])] = (float(score), tokens)
-    return out
 
 
 def test_generate_gives_what_the_flat_layout_gave():
