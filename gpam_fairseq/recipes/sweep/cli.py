@@ -13,7 +13,7 @@ from gpam_fairseq.recipes.common import RecipeError
 from gpam_fairseq.recipes.definitions import RECIPES
 from gpam_fairseq.recipes.sweep.grid import QUICK_MAX_UPDATE, build_cells, cell_status
 from gpam_fairseq.recipes.sweep.report import collect, plot, write_tables
-from gpam_fairseq.recipes.sweep.runners import GridProgress, _worker, run_in_process, run_parallel, run_submitit
+from gpam_fairseq.recipes.sweep.runners import GridProgress, _worker, run_in_process, run_parallel, run_submitit, stop
 
 
 # ----------------------------------------------------------------------------- command line
@@ -141,8 +141,9 @@ def main(argv=None):
         if not finished:
             say("[sweep] jobs still running: the table holds the cells finished so far")
         return rows
-    except RecipeError as e:
-        sys.exit(f"sweep: {e}")
+    except RecipeError as e:  # one line, exit status 2, like the recipes' stages and argparse
+        stop(f"sweep: {e}")
     except KeyboardInterrupt:
-        sys.exit("sweep: interrupted; rerun the same command to resume (finished cells are skipped, the "
-                 "interrupted ones go on from checkpoint_last.pt)")
+        stop("sweep: interrupted; rerun the same command to resume (finished cells are skipped, the "
+             "interrupted ones go on from checkpoint_last.pt)")
+

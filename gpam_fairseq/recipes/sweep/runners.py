@@ -191,13 +191,20 @@ def run_submitit(cells, progress, args, out):
     return True
 
 
+def stop(line: str):
+    """End the program with ``line`` on stderr and exit status 2, the convention of every command
+    line the project ships (argparse's, the recipes' stages)."""
+    print(line, file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
 def _worker(spec_path):
     with open(spec_path, encoding="utf-8") as f:
         spec = json.load(f)
     try:
         outcome = run_cell(spec)
     except RecipeError as e:
-        sys.exit(f"sweep cell {spec['run_name']}: {e}")
+        stop(f"sweep cell {spec['run_name']}: {e}")
     with open(_outcome_path(spec_path), "w", encoding="utf-8") as f:
         json.dump(outcome, f, indent=1)
     return 0
