@@ -7,8 +7,9 @@ Same interface as fairseq's scripts/average_checkpoints.py:
     python scripts/average_checkpoints.py --inputs CKPT_DIR --num-update-checkpoints 5 --output avg.pt
     python scripts/average_checkpoints.py --inputs a.pt b.pt c.pt --output avg.pt
 
-Checkpoints are read through gpam_fairseq.checkpointing.checkpoints.load_state (torch's weights_only
-loading with the plugin's allowlist), floating-point tensors are averaged in fp32 (fp16 ones
+Each file is read as fairseq's script reads it (a dictionary holding a "model" state dict:
+fairseq-train checkpoints, or bare torch.save({"model": model.state_dict()}, path) files), with
+torch's weights_only loading and the plugin's allowlist; floating-point tensors are averaged in fp32 (fp16 ones
 are upcast first, as fairseq does), integer tensors by floor division. The output keeps the
 first input's configuration and training state, so fairseq-generate and fairseq-train load it
 as usual (pass --user-dir gpam_fairseq for our models). The averaging itself is
@@ -18,7 +19,8 @@ gpam_fairseq/checkpointing/averaging.py.
 import argparse
 import os
 
-from gpam_fairseq.checkpointing.averaging import average_and_save, last_n_checkpoints
+from gpam_fairseq.checkpointing.averaging import average_and_save, average_checkpoints, last_n_checkpoints  # noqa: F401
+# (average_checkpoints(paths) -> state: the function fairseq's script of this name exports)
 
 
 def main(argv=None):

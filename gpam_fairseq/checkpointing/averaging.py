@@ -1,9 +1,11 @@
 """Averaging the parameters of several fairseq checkpoints (fairseq-fixed ships no such script).
 
 The core of ``scripts/average_checkpoints.py`` (same interface as fairseq's script of that
-name) and of the recipes' evaluate stage (``AVERAGE=N``). Checkpoints are read through
-:func:`gpam_fairseq.checkpointing.checkpoints.load_state` (torch's weights_only loading with the plugin's
-allowlist), floating-point tensors are averaged in fp32 (fp16 ones are upcast first, as
+name) and of the recipes' evaluate stage (``AVERAGE=N``). Each file is read as fairseq's script
+reads it, a plain ``torch.load`` of a dictionary holding a ``"model"`` state dict, so a file saved
+as ``torch.save({"model": model.state_dict()}, path)`` averages as well as a fairseq-train
+checkpoint; but with torch's weights_only loading and the plugin's allowlist
+(:func:`gpam_fairseq.checkpointing.checkpoints.check_checkpoint` names a refused file). Floating-point tensors are averaged in fp32 (fp16 ones are upcast first, as
 fairseq does), integer tensors by floor division. The output keeps the first input's
 configuration and training state, so fairseq-generate and fairseq-train load it as usual
 (pass --user-dir gpam_fairseq for our models).
@@ -38,17 +40,38 @@ def last_n_checkpoints(folder: str, n: int, update_based: bool, upper_bound: Opt
     return [os.path.join(folder, name) for _, name in sorted(entries, reverse=True)[:n]]
 
 
+def read_state(path: str) -> dict:
+    """The dictionary saved in ``path``, as it was saved (no fairseq upgrade: a bare
+    ``{"model": state_dict}`` has no ``best_loss`` or ``cfg`` and needs none); it must hold
+    ``"model"``, a dictionary of tensors."""
+    import pickle
+
+    import torch
+
+    from gpam_fairseq.checkpointing.checkpoints import check_checkpoint, torch_refusal
+
+    check_checkpoint(path)
+    try:
+        with open(path, "rb") as f:
+            state = torch.load(f, map_location="cpu")
+    except pickle.UnpicklingError as err:
+        raise torch_refusal(path, err) from None
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
+        raise CheckpointAveragingError(
+            f"{path}: holds no \"model\" dictionary of parameters; pass fairseq checkpoints or files saved as "
+            f"torch.save({{\"model\": model.state_dict()}}, path)")
+    return state
+
+
 def average_checkpoints(paths: Sequence[str]) -> dict:
     """The first checkpoint's state with "model" replaced by the parameter average of all."""
     import torch
     from omegaconf import OmegaConf
 
-    from gpam_fairseq.checkpointing.checkpoints import load_state
-
     sums, keys, new_state = collections.OrderedDict(), None, None
     for i, path in enumerate(paths):
         print(f"  [{i + 1}/{len(paths)}] {path}", flush=True)
-        state = load_state(path)
+        state = read_state(path)
         if new_state is None:
             new_state = state
         params = state["model"]
