@@ -40,7 +40,7 @@ def _quiet_first_fairseq_import():
 
 with _quiet_first_fairseq_import():
     from gpam_fairseq.checkpointing import glue as checkpoint_glue
-    from gpam_fairseq.fairseq_glue import cli_errors, precision
+    from gpam_fairseq.fairseq_glue import cli_errors, evaluation, precision
     from gpam_fairseq.fairseq_glue.compat import allow_fairseq_checkpoints, restore_numpy_compat_long
 
     allow_fairseq_checkpoints()
@@ -48,6 +48,7 @@ with _quiet_first_fairseq_import():
     cli_errors.install()  # a bad option or checkpoint ends a program with one line, not a traceback
     checkpoint_glue.install()  # fairseq's checkpoint loads diagnosed, its saves atomic
     precision.install()  # --bf16 as bf16 autocast on CPUs and GPUs; --fp16/--amp refused on a CPU in one line
+    evaluation.install()  # validation, -validate, -generate, -eval-lm use every sentence of their subsets
 
     # fairseq auto-imports models/ only when --user-dir is the first import of this package
     from gpam_fairseq.models import transformer_gpam, transformer_lm_gpam  # noqa: F401
