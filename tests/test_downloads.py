@@ -20,6 +20,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from cli_runs import ENV, run_all
 from helpers import REPO
 from test_recipes import seg_file, sentence_pairs
 
@@ -231,13 +232,27 @@ def test_html_pages_are_refused(server, tmp_path):
     assert looks_like_html(b"  <!doctype HTML>") and not looks_like_html(b"\x1f\x8b\x08\x00") and not looks_like_html(b"PK\x03\x04")
 
 
+def tgz(files):
+    """A .tgz holding {path: text}."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for path, content in files.items():
+            data = content.encode()
+            info = tarfile.TarInfo(path)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
 def test_trust_on_first_use(server, tmp_path):
-    data, other = os.urandom(20_000), os.urandom(20_000)
+    data, other = tgz({"a/x.txt": "one\n"}), tgz({"a/x.txt": "two\n"})
     server.routes["/f"] = {"data": data}
-    src = SourceFile("f.tgz", (server.url + "/f",))  # no published checksum
+    src = SourceFile("f.tgz", (server.url + "/f",), members=("a/x.txt",))  # no published checksum
     trust = TrustStore(str(tmp_path))
     record = fetch(src, str(tmp_path / "f.tgz"), trust=trust)
     assert trust.get("f.tgz") == sha256(data) and record["verified"] == "trust on first use: sha256 recorded now"
+    assert record["trusted_checksum_unauthenticated"] is True  # the local server speaks http://
+    assert trust.entry("f.tgz")["unauthenticated"] is True
     os.remove(tmp_path / "f.tgz")
     server.routes["/f"] = {"data": other}  # the source changed its bytes
     with pytest.raises(RecipeError, match=f"sha256 {sha256(other)}, expected {sha256(data)} \\(recorded on first use"):
@@ -256,10 +271,34 @@ def test_every_source_failing_prints_one_line_with_each_source_and_exit_2(server
     dest = tmp_path / "data" / "orig" / "ptb.train.txt"
     assert code == 2
     assert line.startswith("ptb/prepare: ptb.train.txt: no source delivered it: "), line
-    assert f"{server.url}/gone/ptb.train.txt (HTTP 404); {server.url}/ptb/ptb.train.txt (HTTP 503 after 4 attempts)" in line
+    # DOWNLOAD_RETRIES=4 by default: the first attempt and 4 retries
+    assert f"{server.url}/gone/ptb.train.txt (HTTP 404); {server.url}/ptb/ptb.train.txt (HTTP 503 after 5 attempts)" in line
     assert f"place it at {dest} ({len(texts['train']):,} bytes, sha256 {sha256(texts['train'])})" in line
-    assert server.paths().count("/ptb/ptb.train.txt") == 4  # 503 is retried, 404 is not
+    assert line.endswith("or pass it with --archive PATH or a --mirror URL that holds it")  # nothing of that tried yet
+    assert server.paths().count("/ptb/ptb.train.txt") == 5  # 503 is retried, 404 is not
     assert not dest.exists()
+
+
+@pytest.mark.parametrize("retries", [0, 1, 2])
+def test_download_retries_counts_retries(server, tmp_path, monkeypatch, retries):
+    monkeypatch.setenv("DOWNLOAD_RETRIES", str(retries))
+    for status in (503, 425):  # and every other transient error takes the same path
+        server.log.clear()
+        server.routes["/f"] = {"status": status}
+        with pytest.raises(RecipeError, match=f"HTTP {status} after {retries + 1} attempts"):
+            fetch(published("f.bin", b"x" * 10, [server.url + "/f"]), str(tmp_path / "f.bin"))
+        assert server.paths() == ["/f"] * (retries + 1)  # =1: one retry after the first attempt
+
+
+def test_a_refused_connection_is_retried(tmp_path, monkeypatch):
+    """A network error that is no HTTP status (refused here; DNS failures and resets take the same
+    OSError path) is retried like a 503."""
+    monkeypatch.setenv("DOWNLOAD_RETRIES", "1")
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(RecipeError, match=r"f.bin: no source delivered it: http://127.0.0.1:\d+/f \(.*refused.* after 2 attempts\)"):
+        fetch(published("f.bin", b"x", [f"http://127.0.0.1:{port}/f"]), str(tmp_path / "f.bin"))
 
 
 def test_wrong_bytes_through_the_stage_exit_2_nothing_kept(server, tmp_path, monkeypatch, capsys):
@@ -341,8 +380,110 @@ def test_only_mirrors_never_touches_the_built_in_sources(server, tmp_path, monke
     serve_ptb(server, monkeypatch, texts)
     code, _, err = run_prepare("ptb", tmp_path, monkeypatch, capsys, "--mirror", server.url + "/empty", "--only-mirrors")
     assert code == 2 and server.paths() == ["/empty/ptb.train.txt"]
-    assert one_line_error(err).startswith(f"ptb/prepare: ptb.train.txt: no source delivered it: {server.url}/empty/ptb.train.txt (HTTP 404).")
+    line = one_line_error(err)
+    assert line.startswith(f"ptb/prepare: ptb.train.txt: no source delivered it: {server.url}/empty/ptb.train.txt (HTTP 404).")
+    # the advice fits what was tried: no "pass --mirror" to someone who passed --mirror --only-mirrors
+    assert line.endswith("pass it with --archive PATH, or leave out --only-mirrors to try its built-in sources too"), line
+    server.routes["/ptb/ptb.train.txt"] = {"status": 404}
+    code, _, err = run_prepare("ptb", tmp_path, monkeypatch, capsys, "--mirror", server.url + "/empty")
+    assert one_line_error(err).endswith("pass it with --archive PATH, or another --mirror URL that holds it")
 
+
+def test_archive_for_one_file_and_the_mirror_for_the_others(server, tmp_path, monkeypatch, capsys):
+    texts = ptb_texts()
+    serve_ptb(server, monkeypatch, texts)
+    server.routes.update({f"/lab/ptb.{s}.txt": {"data": d} for s, d in texts.items()})
+    given = tmp_path / "ptb.test.txt"
+    given.write_bytes(texts["test"])
+    code, _, err = run_prepare("ptb", tmp_path, monkeypatch, capsys, "--archive", str(given), "--mirror",
+                               server.url + "/lab", "--only-mirrors")
+    assert code == 0, err
+    assert server.paths() == ["/lab/ptb.train.txt", "/lab/ptb.valid.txt"]  # the test file came by hand
+    files = json.loads((tmp_path / "data" / "prepared" / "provenance.json").read_text())["files"]
+    assert [f["origin"] for f in files] == [f"{server.url}/lab/ptb.train.txt", f"{server.url}/lab/ptb.valid.txt",
+                                            str(given)]
+    # --raw-dir holding one file: the others are downloaded from the built-in sources
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "ptb.valid.txt").write_bytes(texts["valid"])
+    server.log.clear()
+    fresh = tmp_path / "fresh"
+    code, _, err = run_prepare("ptb", fresh, monkeypatch, capsys, "--raw-dir", str(raw))
+    assert code == 0, err
+    assert server.paths() == ["/ptb/ptb.train.txt", "/ptb/ptb.test.txt"]
+
+
+def test_https_comes_first_wherever_a_host_serves_both():
+    for files in S.DOWNLOADS.values():
+        for f in files + (S.PTB_SIMPLE_EXAMPLES,):
+            for i, url in enumerate(f.urls):
+                if url.startswith("http://") and "https://" + url[len("http://"):] in f.urls:
+                    assert f.urls.index("https://" + url[len("http://"):]) < i, f.urls
+    assert S.IWSLT14_DE_EN.urls[0].startswith("https://")  # the one file trusted on first use
+
+
+# --- trust on first use only for bytes that prove what they are -------------------------------------
+
+IWSLT_MEMBERS = {m: "<doc>\n<seg id=\"1\"> x </seg>\n</doc>\n" for m in S.IWSLT14_DE_EN.members}
+
+
+def refused_through_the_script(server, tmp_path, cases, *extra):
+    """examples/iwslt14/prepare.py --mirror <server>/<case> --only-mirrors, one fresh DATA_DIR per
+    case, run side by side: {case: (CompletedProcess, orig folder)}."""
+    jobs = {}
+    for case, data in cases.items():
+        server.routes[f"/{case}/de-en.tgz"] = {"data": data}
+        env = {**ENV, "DATA_DIR": str(tmp_path / case), "DOWNLOAD_BACKOFF_S": "0.01"}
+        jobs[case] = dict(argv=[sys.executable, os.path.join(REPO, "examples", "iwslt14", "prepare.py"), "--mirror",
+                                f"{server.url}/{case}", "--only-mirrors", *extra], env=env)
+    return {case: (proc, tmp_path / case / "orig") for case, proc in run_all(jobs).items()}
+
+
+def test_garbage_under_a_first_use_name_is_refused_and_nothing_recorded(server, tmp_path):
+    good = tgz(IWSLT_MEMBERS)
+    lacking = tgz({m: t for m, t in IWSLT_MEMBERS.items() if not m.endswith("tst2012.de-en.en.xml")})
+    results = refused_through_the_script(server, tmp_path, {
+        "random": os.urandom(4096), "truncated": good[: len(good) // 2], "lacking": lacking})
+    for case, why in (("random", "not a gzip-compressed tar archive: Not a gzipped file"),
+                      ("truncated", "not a gzip-compressed tar archive: Compressed file ended before the end-of-stream "
+                                    "marker was reached"),
+                      ("lacking", "a gzip-compressed tar archive without de-en/IWSLT14.TED.tst2012.de-en.en.xml")):
+        proc, orig = results[case]
+        assert proc.returncode == 2, (case, proc.stderr[-2000:])
+        line = proc.stderr.strip().splitlines()[-1]
+        assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert line.startswith(f"iwslt14/prepare: de-en.tgz: no source delivered it: {server.url}/{case}/de-en.tgz "
+                               f"(wrong bytes: {why}"), (case, line)
+        assert line.endswith("pass it with --archive PATH, or leave out --only-mirrors to try its built-in sources "
+                             "too"), line
+        assert not (orig / "de-en.tgz").exists() and not (orig / "de-en.tgz.part").exists()
+        assert not (orig / "trusted-checksums.json").exists()
+
+
+def test_the_next_source_is_tried_after_garbage_and_the_good_copy_trusted(server, tmp_path):
+    good = tgz(IWSLT_MEMBERS)
+    server.routes.update({"/bad/a.tgz": {"data": os.urandom(4096)}, "/good/a.tgz": {"data": good}})
+    src = SourceFile("a.tgz", (), members=tuple(IWSLT_MEMBERS))
+    trust = TrustStore(str(tmp_path))
+    record = fetch(src, str(tmp_path / "a.tgz"), mirrors=[server.url + "/bad", server.url + "/good"], trust=trust)
+    assert record["origin"] == f"{server.url}/good/a.tgz" and trust.get("a.tgz") == sha256(good)
+
+
+def test_a_given_archive_that_is_garbage_is_refused_and_a_damaged_one_is_one_line(server, tmp_path, monkeypatch, capsys):
+    garbage = tmp_path / "de-en.tgz"
+    garbage.write_bytes(os.urandom(4096))
+    code, _, err = run_prepare("iwslt14", tmp_path, monkeypatch, capsys, "--archive", str(garbage))
+    assert code == 2 and server.log == []
+    assert one_line_error(err).startswith(f"iwslt14/prepare: --archive {garbage}: not a gzip-compressed tar archive: ")
+    assert not (tmp_path / "data" / "orig" / "trusted-checksums.json").exists()
+    # with --no-verify nothing is checked before use: extraction stops with one line, no traceback
+    code, _, err = run_prepare("iwslt14", tmp_path, monkeypatch, capsys, "--archive", str(garbage), "--no-verify")
+    line = one_line_error(err)
+    assert code == 2 and "Traceback" not in err
+    assert line.startswith(f"iwslt14/prepare: {tmp_path / 'data' / 'orig' / 'de-en.tgz'} (a link to {garbage}): "
+                           "cannot be unpacked (")
+    assert line.endswith("the file is damaged or not de-en.tgz; delete it (the next run downloads it again) or pass a "
+                         "good copy with --archive PATH")
 
 def test_list_sources_json_of_every_recipe(tmp_path, monkeypatch, capsys):
     for (recipe, setup), files in S.DOWNLOADS.items():

@@ -5,14 +5,23 @@ downloaded (the current canonical location first, then mirrors), its size and a 
 published by a public reference (sha256, or the sha1/md5 the reference publishes). Where no
 public checksum exists the file is verified by *trust on first use*: the first copy seen has
 its sha256 recorded in the data folder (``orig/trusted-checksums.json``), and every later
-use, downloaded or placed by hand, must match it.
+use, downloaded or placed by hand, must match it. Only bytes that prove what they are get
+trusted: an archive must open as the format its name says (the whole gzip stream decompresses,
+the tar or zip lists its entries) and list the ``members`` the recipe reads
+(:func:`archive_problem`); otherwise it is refused like wrong bytes, nothing is recorded, and
+the next source is tried. The record says whether the trusted copy came over an
+unauthenticated connection (http://, ftp://).
 
 :func:`fetch` downloads into ``<name>.part`` with HTTP Range resumption, retries with
 exponential backoff and timeouts, a User-Agent, followed redirects, refuses an HTML page served
 in place of the file (Google Drive's virus-scan confirmation page, a login or error page), shows
 progress through tqdm, and moves the file to its final name only once its size and checksum
-match. Every failure ends in one :class:`RecipeError` line: the file, each source tried with
-its HTTP status or error, and where to place the file by hand with its checksum.
+match. ``DOWNLOAD_RETRIES`` (default 4) counts the retries of one source after its first attempt;
+only transient errors are retried: HTTP 408, 425, 429 and 5xx, timeouts, the network's errors
+(``OSError``: a DNS failure, a refused or reset connection, a connection closed before the
+announced length) and malformed HTTP responses (``http.client.HTTPException``, ``ValueError``). Every failure ends in one :class:`RecipeError` line: the file, each source tried with
+its HTTP status or error, and what to do next, fitted to what was tried (placing the file by
+hand with its checksum, ``--archive``, ``--mirror``, or leaving out ``--only-mirrors``).
 """
 
 import hashlib
@@ -21,9 +30,12 @@ import json
 import os
 import socket
 import sys
+import tarfile
 import time
 import urllib.error
 import urllib.request
+import zipfile
+import zlib
 from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
@@ -49,6 +61,9 @@ class SourceFile:
     md5: Optional[str] = None
     reference: str = ""  # public address of the size and checksum; "" = none published (trust on first use)
     aliases: Tuple[str, ...] = field(default=())  # other names the same file goes by (e.g. the URL's)
+    # entries the recipe reads from this archive ("dir/file"; a bare "file" may lie in any folder):
+    # a first copy without a published checksum is trusted only if it lists them
+    members: Tuple[str, ...] = field(default=())
 
     @property
     def checksum(self):
@@ -109,6 +124,73 @@ def expected_text(src: SourceFile, trusted=None):
     return ", ".join(parts)
 
 
+ARCHIVE_FORMATS = ((".tar.gz", "a gzip-compressed tar archive"), (".tgz", "a gzip-compressed tar archive"),
+                   (".tar", "a tar archive"), (".zip", "a zip archive"))
+
+
+def archive_format(name):
+    """What a file of this name must be ("a zip archive", ...), or None for other files."""
+    return next((what for suffix, what in ARCHIVE_FORMATS if name.endswith(suffix)), None)
+
+
+def _one_line(err):
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text[:200]
+
+
+def archive_entries(path, name):
+    """The entry names of the archive at `path` (its format from `name`), having read all of it:
+    the whole gzip stream of a .tgz (its length and CRC checked), each zip entry's CRC.
+    Raises ValueError saying what is wrong."""
+    what = archive_format(name)
+    try:
+        if name.endswith(".zip"):
+            with zipfile.ZipFile(path) as z:
+                bad = z.testzip()
+                if bad is not None:
+                    raise ValueError(f"its entry {bad} fails its CRC check")
+                return z.namelist()
+        if name.endswith((".tgz", ".tar.gz")):
+            import gzip
+
+            with gzip.open(path, "rb") as f:
+                while f.read(BLOCK):
+                    pass
+        with tarfile.open(path) as t:
+            return t.getnames()
+    except ValueError:
+        raise
+    except (OSError, EOFError, tarfile.TarError, zipfile.BadZipFile, zlib.error) as e:
+        raise ValueError(f"not {what}: {_one_line(e)}") from None
+
+
+def archive_problem(path, src: SourceFile):
+    """Why `path` is not the archive `src` names (not that format, unreadable, or lacking one of
+    src.members), or None. Files that are not archives have none."""
+    if archive_format(src.name) is None:
+        return None
+    try:
+        entries = archive_entries(path, src.name)
+    except ValueError as e:
+        return str(e)
+    names = {e[2:] if e.startswith("./") else e for e in entries}
+    missing = [m for m in src.members if m not in names and not any(n.endswith("/" + m) for n in names)]
+    if missing:
+        more = f" and {len(missing) - 1} more of the {len(src.members)} the recipe reads" if len(missing) > 1 else ""
+        return f"{archive_format(src.name)} without {missing[0]}{more}"
+    return None
+
+
+def unauthenticated(origin):
+    """True for a download over a connection that does not authenticate the server (http://,
+    ftp://), False for https://, None for a local file."""
+    if origin.startswith("https://"):
+        return False
+    if origin.startswith(("http://", "ftp://")):
+        return True
+    return None
+
+
 class TrustStore:
     """sha256 of files without a published checksum, recorded the first time each is used."""
 
@@ -131,7 +213,7 @@ class TrustStore:
     def record(self, name, sha256, size, origin):
         data = self._load()
         data[name] = {"sha256": sha256, "size": size, "first_seen": time.strftime("%Y-%m-%d %H:%M:%S"),
-                      "origin": origin}
+                      "origin": origin, "unauthenticated": unauthenticated(origin)}
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         tmp = self.path + ".tmp"
         with open(tmp, "w", encoding="utf-8") as f:
@@ -161,15 +243,21 @@ def check_file(path, src: SourceFile, trust: Optional[TrustStore], origin: str):
             record[algo] = digests[algo]
     elif trust is not None:
         trusted = trust.get(src.name)
+        if trusted is not None and trusted != digests["sha256"]:
+            raise Mismatch(f"sha256 {digests['sha256']}, expected {trusted} (recorded on first use in {trust.path})")
         if trusted is None:
+            problem = archive_problem(path, src)  # nothing is trusted that is not the archive it must be
+            if problem:
+                raise Mismatch(problem)
             trust.record(src.name, digests["sha256"], size, origin)
             say(f"  {src.name}: no published checksum; trust on first use: recorded sha256 {digests['sha256']} "
-                f"in {trust.path}")
+                f"in {trust.path}" + (" (from an unauthenticated http connection)" if unauthenticated(origin) else ""))
             record["verified"] = "trust on first use: sha256 recorded now"
-        elif trusted != digests["sha256"]:
-            raise Mismatch(f"sha256 {digests['sha256']}, expected {trusted} (recorded on first use in {trust.path})")
         else:
             record["verified"] = f"trust on first use: sha256 recorded earlier in {trust.path}"
+        first = trust.entry(src.name)
+        record["trusted_checksum_origin"] = first.get("origin")
+        record["trusted_checksum_unauthenticated"] = unauthenticated(first.get("origin") or "")
     return record
 
 
@@ -224,7 +312,7 @@ def _transfer(url, part, expected_size, timeout, show_progress):
     except urllib.error.HTTPError as e:
         if e.code == 416 and start:  # the server has no bytes past the .part: take it as complete
             return
-        if e.code in (408, 425, 429) or e.code >= 500:
+        if e.code in (408, 425, 429) or e.code >= 500:  # the statuses docs/reproducing.md lists as retried
             raise OSError(f"HTTP {e.code}") from None
         raise _PermanentHTTPError(f"HTTP {e.code}") from None
     with resp:
@@ -271,7 +359,7 @@ def fetch(src: SourceFile, dest: str, mirrors=(), trust: Optional[TrustStore] = 
     urls = [m.rstrip("/") + "/" + src.name for m in mirrors] + (list(src.urls) if builtin else [])
     if not urls:
         raise RecipeError(f"{src.name}: no source to download it from; place it at {dest} ({expected_text(src)})")
-    attempts = max(1, env_int("DOWNLOAD_RETRIES", 4))
+    attempts = 1 + max(0, env_int("DOWNLOAD_RETRIES", 4))  # the first attempt, then the retries
     backoff = float(env("DOWNLOAD_BACKOFF_S", 2.0))
     timeout = float(env("DOWNLOAD_TIMEOUT_S", 60.0))
     show_progress = sys.stderr.isatty() and env("DOWNLOAD_PROGRESS", "1") != "0"
@@ -305,7 +393,7 @@ def fetch(src: SourceFile, dest: str, mirrors=(), trust: Optional[TrustStore] = 
                 error = _describe(e)
                 if attempt < attempts:
                     wait = backoff * 2 ** (attempt - 1)
-                    say(f"  {src.name}: {error}; retrying in {wait:g} s ({attempt}/{attempts - 1} retries)")
+                    say(f"  {src.name}: {error}; retrying in {wait:g} s (retry {attempt} of {attempts - 1})")
                     time.sleep(wait)
                 else:
                     error += f" after {attempts} attempts"
@@ -326,5 +414,13 @@ def fetch(src: SourceFile, dest: str, mirrors=(), trust: Optional[TrustStore] = 
     kept = f"; the partial download {part} is kept for resuming" if os.path.exists(part) else ""
     raise RecipeError(
         f"{src.name}: no source delivered it: " + "; ".join(failures) + f"{kept}. Download it by hand and place it "
-        f"at {dest} ({expected_text(src, trust.get(src.name) if trust else None)}), or pass --archive PATH or "
-        f"--mirror URL")
+        f"at {dest} ({expected_text(src, trust.get(src.name) if trust else None)}), {_other_ways(src, mirrors, builtin)}")
+
+
+def _other_ways(src: SourceFile, mirrors, builtin):
+    """The rest of the advice of the all-sources-failed line: what the user has not tried yet."""
+    if mirrors and not builtin and src.urls:
+        return "pass it with --archive PATH, or leave out --only-mirrors to try its built-in sources too"
+    if mirrors:
+        return "pass it with --archive PATH, or another --mirror URL that holds it"
+    return "or pass it with --archive PATH or a --mirror URL that holds it"

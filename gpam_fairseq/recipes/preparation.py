@@ -7,8 +7,10 @@ Mikolov's simple-examples).
 Each source file (gpam_fairseq.recipes.sources) comes from, in this order: an `--archive PATH`
 whose file name matches, `--raw-dir DIR/<name>`, a file already in `<data>/orig/` (downloaded
 earlier or placed there by hand), else a download (`--mirror URL`s first, then the built-in
-sources). Wherever it came from, its size and checksum are verified before use
-(gpam_fairseq.recipes.downloads), and what was used is written to `prepared/provenance.json`.
+sources), each file on its own: files given by hand and downloaded ones mix freely. Wherever it
+came from, its size and checksum are verified before use (gpam_fairseq.recipes.downloads), and
+what was used is written to `prepared/provenance.json`. An archive that cannot be unpacked, at
+whatever stage, stops the stage with one line naming it (:func:`extract`).
 """
 
 import dataclasses
@@ -20,6 +22,7 @@ import shutil
 import tarfile
 import time
 import zipfile
+import zlib
 
 from gpam_fairseq.recipes import sources as S
 from gpam_fairseq.recipes import text
@@ -102,11 +105,7 @@ class Sources:
                     f"{dest}: {e}: not {src.name} as published; delete it (the next run downloads it again) or put the "
                     f"right file there ({expected_text(src, self.trust.get(src.name))})") from None
             say(f"  {src.name}: {dest} ({record['verified']})")
-        elif self.archives or self.raw_dir:
-            raise RecipeError(
-                f"{src.name} not found: pass it with --archive PATH, put it in --raw-dir {self.raw_dir or 'DIR'} or "
-                f"at {dest} ({expected_text(src, self.trust.get(src.name))}; sources: {', '.join(src.urls) or 'none'})")
-        else:
+        else:  # the files given by hand (--archive, --raw-dir) leave this one to the mirrors and downloads
             if self.verify:
                 record = fetch(src, dest, self.mirrors, self.trust, self.builtin)
             else:
@@ -128,22 +127,40 @@ class Sources:
         return path
 
 
+def damaged(archive, err):
+    """The one line for an archive that cannot be read (truncated, corrupt, not that format)."""
+    where = os.path.realpath(archive)
+    given = f" (a link to {where})" if where != os.path.abspath(archive) else ""
+    return RecipeError(
+        f"{archive}{given}: cannot be unpacked ({' '.join(str(err).split()) or type(err).__name__}): the file is "
+        f"damaged or not {os.path.basename(archive)}; delete it (the next run downloads it again) or pass a good "
+        f"copy with --archive PATH")
+
+
 def extract(archive, into):
-    """Unpack a .tgz/.tar.gz/.zip into `into` once (a marker file records it)."""
+    """Unpack a .tgz/.tar.gz/.zip into `into` once (a marker file records it); a damaged archive
+    is one RecipeError line."""
     marker = os.path.join(into, f".{os.path.basename(archive)}.extracted")
     if os.path.exists(marker):
         return
     say(f"  extracting {os.path.basename(archive)}")
     os.makedirs(into, exist_ok=True)
-    if archive.endswith(".zip"):
-        with zipfile.ZipFile(archive) as z:
-            z.extractall(into)
-    else:
-        with tarfile.open(archive) as t:
-            try:
-                t.extractall(into, filter="data")  # no absolute paths or links out of `into`
-            except TypeError:  # Python without extraction filters
-                t.extractall(into)
+    try:
+        if archive.endswith(".zip"):
+            with zipfile.ZipFile(archive) as z:
+                z.extractall(into)
+        else:
+            with tarfile.open(archive) as t:
+                try:
+                    t.extractall(into, filter="data")  # no absolute paths or links out of `into`
+                except TypeError:  # Python without extraction filters
+                    t.extractall(into)
+    except (EOFError, tarfile.TarError, zipfile.BadZipFile, zlib.error) as e:
+        raise damaged(archive, e) from None
+    except OSError as e:
+        if e.errno is not None:  # the disk's own errors (full, permissions) are not the archive's fault
+            raise
+        raise damaged(archive, e) from None  # gzip.BadGzipFile and the like
     open(marker, "w").close()
 
 
@@ -167,9 +184,7 @@ def write_lines(lines, path):
 
 # --- IWSLT14 De-En ----------------------------------------------------------------------------
 
-# prepare-iwslt14.sh's test set, in its order
-IWSLT14_TEST = ("IWSLT14.TED.dev2010", "IWSLT14.TEDX.dev2012", "IWSLT14.TED.tst2010",
-                "IWSLT14.TED.tst2011", "IWSLT14.TED.tst2012")
+IWSLT14_TEST = S.IWSLT14_TEST_SETS  # prepare-iwslt14.sh's test set, in its order
 
 
 def prepare_iwslt14(data_dir, sources, bpe_tokens=10000):
@@ -431,10 +446,13 @@ def prepare_enwik8(data_dir, sources, num_test_chars=None):
     prep = os.path.join(data_dir, "prepared")
     os.makedirs(prep, exist_ok=True)
     archive = sources.get(S.ENWIK8, single=True)
-    with zipfile.ZipFile(archive) as z:
-        if "enwik8" not in z.namelist():
-            raise RecipeError(f"{archive}: holds no member 'enwik8'; is this enwik8.zip?")
-        data = z.read("enwik8")
+    try:
+        with zipfile.ZipFile(archive) as z:
+            if "enwik8" not in z.namelist():
+                raise RecipeError(f"{archive}: holds no member 'enwik8'; is this enwik8.zip?")
+            data = z.read("enwik8")
+    except (EOFError, zipfile.BadZipFile, zlib.error) as e:
+        raise damaged(archive, e) from None
     if len(data) <= 2 * num_test_chars:
         raise RecipeError(f"{archive}: enwik8 has {len(data)} bytes, fewer than valid + test ({2 * num_test_chars})")
     parts = {"train": data[: -2 * num_test_chars], "valid": data[-2 * num_test_chars: -num_test_chars],

