@@ -44,6 +44,7 @@ class Recipe:
     compound_split_bleu: bool = False
     bits_per_char: bool = False
     generate_args: List[str] = field(default_factory=list)
+    data_subdir: str = ""  # data/<name>/<data_subdir>/ (own_corpus: the direction or lm_<lang>)
 
 
 # --- IWSLT14 ----------------------------------------------------------------------------------

@@ -29,7 +29,8 @@ from gpam_fairseq.fairseq_glue.tools import (REPO_ROOT, USER_DIR, fairseq_cli, l
 from gpam_fairseq.recipes import matched_controls as controls  # below stages (controls.py imports stages)
 from gpam_fairseq.recipes.common import (RecipeError, env, env_args, env_int, has_finished, is_done, last_flag, mark_done,
                                          run_cli, training_progress)
-from gpam_fairseq.recipes.definitions import RECIPES, prepare_for
+from gpam_fairseq.recipes import own_corpus, registry
+from gpam_fairseq.recipes.definitions import prepare_for
 
 ENV_HELP = __doc__.split("\n\n", 1)[1]
 
@@ -49,7 +50,7 @@ class Settings:
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.model):
             raise RecipeError(f"MODEL={self.model!r}: use {', '.join(controls.BASELINES)}, gpam or an --attention-type value")
         self.seed = env_int("SEED", 1)
-        sub = [r.name] + ([self.setup] if self.setup else [])
+        sub = [r.name] + ([self.setup] if self.setup else []) + ([r.data_subdir] if r.data_subdir else [])
         self.data_dir = os.path.abspath(env("DATA_DIR", os.path.join(REPO_ROOT, "data", *sub)))
         self.prepared = os.path.join(self.data_dir, "prepared")
         self.data_bin = os.path.join(self.data_dir, "data-bin")
@@ -123,6 +124,8 @@ def _gpus():
 # --- stages -----------------------------------------------------------------------------------
 
 def stage_prepare(s, argv):
+    if s.recipe.name == own_corpus.NAME:  # the user's own files: no downloads
+        return own_corpus.stage_prepare(s, argv)
     p = argparse.ArgumentParser(prog=f"{s.recipe.name}/prepare.py", description="download and tokenise the data")
     p.add_argument("--archive", action="append", default=[], metavar="PATH",
                    help="an already-downloaded source archive (repeat for several); used instead of downloading")
@@ -341,6 +344,37 @@ def inference_figures(tool, cmd, log, log_path):
     return out
 
 
+def test_set_size(s):
+    """Sentences (translation) or tokens, end-of-line symbols included (language modelling), of the
+    binarised test set, read from data-bin: what the evaluation must have scored."""
+    from fairseq.data import indexed_dataset
+
+    if s.recipe.task == "translation":
+        src, tgt = s.direction.split("-")
+        # one data-bin serves both directions: fairseq also reads test.tgt-src.src
+        prefixes = [os.path.join(s.data_bin, f"test.{a}-{b}.{src}") for a, b in ((src, tgt), (tgt, src))]
+    else:
+        prefixes = [os.path.join(s.data_bin, "test")]
+    for prefix in prefixes:
+        impl = indexed_dataset.infer_dataset_impl(prefix)
+        dataset = indexed_dataset.make_dataset(prefix, impl) if impl else None
+        if dataset is not None:
+            return len(dataset) if s.recipe.task == "translation" else int(dataset.sizes.sum())
+    raise RecipeError(f"no binarised test set at {prefixes[0]}: run {s.recipe.name}/preprocess.py (same DATA_DIR)")
+
+
+def check_all_scored(s, scored, what, log_path):
+    """Every test sentence (token) scored, or one line naming the log: fairseq drops the last
+    partial batch of an evaluation when its size is not a multiple of --required-batch-size-multiple."""
+    expected = test_set_size(s)
+    say(f"  scored {scored:,} of {expected:,} test {what}")
+    if scored != expected:
+        raise RecipeError(f"scored {scored:,} of the {expected:,} test {what} ({log_path}): the evaluation lost some; "
+                          f"check EVAL_ARGS (--required-batch-size-multiple, --skip-invalid-size-inputs-valid-test, "
+                          f"--max-len-a/b) and rerun with FORCE=1")
+    return expected
+
+
 def evaluate_translation(s, ckpt, result):
     from sacrebleu.metrics import BLEU, CHRF
 
@@ -353,6 +387,7 @@ def evaluate_translation(s, ckpt, result):
     log = run_cli("fairseq-generate", cmd, log_path)
     result["inference"] = inference_figures("fairseq-generate", cmd, log, log_path)
     hyps_tok, refs_tok = read_generate_output(log)
+    result["test_sentences"] = check_all_scored(s, len(hyps_tok), "sentences", log_path)
     tgt = s.direction.split("-")[1]
     hyps = text.moses_detokenize(hyps_tok, tgt)
     raw_ref = os.path.join(s.prepared, f"test.raw.{tgt}")
@@ -392,6 +427,7 @@ def evaluate_language_model(s, ckpt, result):
     if not m:
         raise RecipeError(f"no 'Loss (base 2): ..., Perplexity: ...' line in {os.path.join(s.run_dir, 'eval_lm.log')}")
     result.update(loss_base2=float(m.group(1)), perplexity=float(m.group(2)))
+    result["test_tokens"] = check_all_scored(s, result["inference"]["tokens"], "tokens", log_path)
     if s.recipe.bits_per_char:  # one token per byte, eos = newline: base-2 loss = bits per character
         result["bpc"] = float(m.group(1))
 
@@ -438,12 +474,14 @@ def stage_evaluate(s, argv):
 
 def main(recipe_name, stage, argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help") for a in argv):
-        say(f"{recipe_name} stage '{stage}'. Settings come from the environment:\n{ENV_HELP}")
-        say(f"sizes: {', '.join(RECIPES[recipe_name].sizes)}" + (
-            f"; setups: {', '.join(RECIPES[recipe_name].setups)}" if RECIPES[recipe_name].setups else ""))
     try:
-        settings = Settings(RECIPES[recipe_name])
+        if any(a in ("-h", "--help") for a in argv):
+            shown = registry.get(recipe_name, strict=False)
+            say(f"{recipe_name} stage '{stage}'. Settings come from the environment:\n{ENV_HELP}")
+            if recipe_name == own_corpus.NAME:
+                say(own_corpus.__doc__.split("\n\n", 1)[1].split("\n\nThe steps", 1)[0])
+            say(f"sizes: {', '.join(shown.sizes)}" + (f"; setups: {', '.join(shown.setups)}" if shown.setups else ""))
+        settings = Settings(registry.get(recipe_name))
         {"prepare": stage_prepare, "preprocess": stage_preprocess, "train": stage_train,
          "evaluate": stage_evaluate}[stage](settings, argv)
     except RecipeError as e:  # one line, exit status 2, like fairseq's own usage errors

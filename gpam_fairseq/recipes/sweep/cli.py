@@ -10,7 +10,7 @@ import sys
 from gpam_fairseq.fairseq_glue.tools import REPO_ROOT, say
 from gpam_fairseq.recipes import controls
 from gpam_fairseq.recipes.common import RecipeError
-from gpam_fairseq.recipes.definitions import RECIPES
+from gpam_fairseq.recipes import registry
 from gpam_fairseq.recipes.sweep.grid import QUICK_MAX_UPDATE, build_cells, cell_status
 from gpam_fairseq.recipes.sweep.report import collect, plot, write_tables
 from gpam_fairseq.recipes.sweep.runners import GridProgress, _worker, run_in_process, run_parallel, run_submitit, stop
@@ -23,7 +23,7 @@ def parser():
     p = argparse.ArgumentParser(
         prog="scripts/sweep.py", description="A grid of daGPAM settings x seeds for one recipe, with its baselines.",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
-    p.add_argument("recipe", choices=sorted(RECIPES))
+    p.add_argument("recipe", choices=sorted(registry.NAMES))
     g = p.add_argument_group("grid")
     g.add_argument("--lambda-pos", nargs="+", default=["0.2"], metavar="λ+", help="values of λ+ (default: 0.2)")
     g.add_argument("--lambda-neg", nargs="+", default=["same"], metavar="λ−",
@@ -41,6 +41,8 @@ def parser():
     g.add_argument("--x", choices=("lambda_pos", "lambda_neg"), default="lambda_pos", help="the plot's x axis")
     r = p.add_argument_group("runs")
     r.add_argument("--out", help="the sweep's folder: run folders, checkpoints, results (default: sweeps/<recipe>[_quick])")
+    r.add_argument("--checkpoints", metavar="DIR",
+                   help="where the cells' checkpoints go (default: <out>/checkpoints); a disk apart from the run folders")
     r.add_argument("--quick", action="store_true",
                    help=f"tiny model and {QUICK_MAX_UPDATE} updates (CPU, minutes): checks the pipeline, not daGPAM")
     r.add_argument("--max-update", type=int, help="updates of every cell (default: the recipe's)")
@@ -84,9 +86,10 @@ def main(argv=None):
     if argv[:1] == ["run-cell"]:  # a worker of --parallel
         return _worker(argv[1])
     args = parser().parse_args(argv)
-    recipe = RECIPES[args.recipe]
-    out = os.path.abspath(args.out or os.path.join(REPO_ROOT, "sweeps", recipe.name + ("_quick" if args.quick else "")))
     try:
+        recipe = registry.get(args.recipe)
+        name = recipe.name + (f"_{recipe.data_subdir}" if recipe.data_subdir else "")
+        out = os.path.abspath(args.out or os.path.join(REPO_ROOT, "sweeps", name + ("_quick" if args.quick else "")))
         if args.parallel < 1:
             raise RecipeError(f"--parallel {args.parallel}: must be 1 or more")
         from gpam_fairseq.recipes.common import is_done

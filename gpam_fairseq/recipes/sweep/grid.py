@@ -12,7 +12,7 @@ from typing import Dict, List, Optional
 
 from gpam_fairseq.recipes import controls
 from gpam_fairseq.recipes.common import RecipeError, done_marker, env, env_args, last_flag
-from gpam_fairseq.recipes.definitions import RECIPES
+from gpam_fairseq.recipes import registry
 
 
 # --quick: a tiny model and a few updates, on the fixture or any small data (CPU, minutes)
@@ -26,7 +26,7 @@ QUICK_MAX_UPDATE = 10
 
 # the recipe variables a cell takes from the sweep's environment (so that a job on another
 # machine sees the same; see gpam_fairseq/recipes/stages.py)
-PASSED_ON = ("SIZE", "SETUP", "DIRECTION", "LN", "DATA_DIR", "NGPUS", "PRECISION", "FP16", "UPDATE_FREQ", "AVERAGE", "WORKERS",
+PASSED_ON = ("TASK", "SRC", "TGT", "LOWERCASE", "SIZE", "SETUP", "DIRECTION", "LN", "DATA_DIR", "NGPUS", "PRECISION", "FP16", "UPDATE_FREQ", "AVERAGE", "WORKERS",
              "MAX_UPDATE", "EVAL_ARGS", "EXTRA_ARGS", "GPAM_ARGS")
 
 
@@ -131,7 +131,7 @@ def cell_environment(args, recipe_name, setting, seed, out) -> Dict[str, Optiona
         cell["DATA_DIR"] = os.path.abspath(cell["DATA_DIR"])
     extra = shlex.split(cell.get("EXTRA_ARGS", ""))
     if args.quick:
-        recipe = RECIPES[recipe_name]
+        recipe = registry.get(recipe_name)
         extra = shlex.split(QUICK_NMT if recipe.task == "translation" else QUICK_LM) + _quick_adaptive(args, recipe) + extra
         cell.setdefault("UPDATE_FREQ", "1")
         cell.setdefault("AVERAGE", "0")
@@ -142,7 +142,8 @@ def cell_environment(args, recipe_name, setting, seed, out) -> Dict[str, Optiona
     extra += shlex.split(args.extra_args)
     gpam = env_args("GPAM_ARGS") + shlex.split(args.gpam_args) + setting.gpam_args()
     cell.update(MODEL=setting.model, SEED=str(seed), EXTRA_ARGS=shlex.join(extra), GPAM_ARGS=shlex.join(gpam),
-                RUNS_DIR=os.path.join(out, "runs"), SAVE_DIR=os.path.join(out, "checkpoints"), FORCE=None)
+                RUNS_DIR=os.path.join(out, "runs"),
+                SAVE_DIR=os.path.abspath(getattr(args, "checkpoints", None) or os.path.join(out, "checkpoints")), FORCE=None)
     if args.max_update:
         cell["MAX_UPDATE"] = str(args.max_update)
     elif args.quick and "MAX_UPDATE" not in cell:
@@ -245,7 +246,7 @@ def run_cell(spec: Dict) -> Dict:
 
     start = time.time()
     with controls.environment(**spec["env"]):
-        s = stages.Settings(RECIPES[spec["recipe"]])
+        s = stages.Settings(registry.get(spec["recipe"]))
         status = cell_status(s.run_dir, s.save_dir, spec["max_update"])
         if status != "done":
             if status == "extend":  # train on from checkpoint_last.pt to the new --max-update
