@@ -94,9 +94,10 @@ def inverse_permutation(order) -> list:
 def negative_query(q: Tensor, w_q_neg: Tensor) -> Tensor:
     """Q- = ReLU(Q+) W_Q-. ``w_q_neg`` is (d_h, d_h), shared by all heads, or (H, d_h, d_h).
 
-    A shared W_Q- multiplies q in its memory order (no copy of the permuted per-head view)."""
+    A shared W_Q- multiplies q in its memory order (no copy of the permuted per-head view);
+    TorchScript, which cannot sort by a key, takes the plain product (the same numbers)."""
     w = w_q_neg.to(q.dtype)
-    if w.dim() == 3:
+    if w.dim() == 3 or torch.jit.is_scripting():
         return F.relu(q) @ w
     order = physical_order(q)
     return (F.relu(q.permute(order)) @ w).permute(inverse_permutation(order))

@@ -60,6 +60,23 @@ class Mechanism(nn.Module):
     def scores(self, q: Tensor, k: Tensor, bias: Optional[Tensor] = None) -> Tensor:
         return functional.attention_scores(q, k, bias)
 
+    # TorchScript. A mechanism's ``forward`` (fused kernels, autograd Functions, Mask objects) is
+    # left out of ``torch.jit.script``; the scripted attention calls ``scripted`` and
+    # ``scripted_scores`` instead: the explicit reference math, with a dense additive ``bias``.
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "forward" in cls.__dict__:
+            torch.jit.unused(cls.forward)
+
+    def scripted(
+        self, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], dropout_p: float, need_weights: bool
+    ) -> Tuple[Tensor, Optional[Tensor]]:
+        raise RuntimeError("torch.jit.script: this --attention-type has no TorchScript path (softmax and dagpam have)")
+
+    def scripted_scores(self, q: Tensor, k: Tensor, bias: Optional[Tensor]) -> Tensor:
+        return functional.attention_scores(q, k, bias)
+
     def _apply(self, fn, recurse=True):
         """Scalars that steer a whole map (lambda, gain, shift) stay fp32 after model.half(), so
         that they and what they weigh are never rounded to half precision."""
@@ -102,6 +119,13 @@ class SoftmaxMechanism(Mechanism):
 
     def forward(self, q, k, v, bias=None, dropout_p: float = 0.0, need_weights: bool = False):
         return paths.softmax_attention(q, k, v, bias, dropout_p, need_weights)
+
+    def scripted(
+        self, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], dropout_p: float, need_weights: bool
+    ) -> Tuple[Tensor, Optional[Tensor]]:
+        probs = functional.masked_softmax(functional.attention_scores(q, k, bias))
+        out = F.dropout(probs, dropout_p, training=dropout_p > 0).to(v.dtype) @ v
+        return out, (probs if need_weights else None)
 
 
 def _inverse_softplus(y: float) -> float:
@@ -174,6 +198,30 @@ class DaGPAMMechanism(Mechanism):
         )
 
     def scores(self, q: Tensor, k: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+        return functional.dagpam_scores(q, k, self.w_q_neg, bias)
+
+    def scripted(
+        self, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], dropout_p: float, need_weights: bool
+    ) -> Tuple[Tensor, Optional[Tensor]]:
+        """The explicit path of ``paths.dagpam_attention``, with the lambdas as tensors."""
+        if hasattr(self, "lambda_pos_theta"):  # trainable: decided when the module is scripted
+            dtype = functional.accumulation_dtype(self.lambda_pos_theta)
+            lambda_pos = F.softplus(self.lambda_pos_theta.to(dtype)).view(-1, 1, 1)
+            lambda_neg = F.softplus(self.lambda_neg_theta.to(dtype)).view(-1, 1, 1)
+        else:
+            dtype = functional.accumulation_dtype(q)
+            lambda_pos = torch.full((1, 1, 1), self.lambda_pos_fixed, dtype=dtype, device=q.device)
+            lambda_neg = torch.full((1, 1, 1), self.lambda_neg_fixed, dtype=dtype, device=q.device)
+        probs = functional.dagpam_probabilities(q, k, self.w_q_neg, bias)
+        p_pos, p_neg = probs.unbind(-3)
+        p_g = torch.addcmul(p_pos * (1.0 + lambda_pos), p_neg, lambda_neg, value=-1.0)  # functional.signed_sum
+        mixed = p_g
+        if dropout_p > 0:
+            d_pos, d_neg = F.dropout(probs, dropout_p, training=True).unbind(-3)
+            mixed = torch.addcmul(d_pos * (1.0 + lambda_pos), d_neg, lambda_neg, value=-1.0)
+        return mixed.to(v.dtype) @ v, (p_g if need_weights else None)
+
+    def scripted_scores(self, q: Tensor, k: Tensor, bias: Optional[Tensor]) -> Tensor:
         return functional.dagpam_scores(q, k, self.w_q_neg, bias)
 
     def extra_repr(self) -> str:

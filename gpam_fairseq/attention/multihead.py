@@ -212,6 +212,9 @@ class GPAMMultiheadAttention(MultiheadAttention):
         With ``before_softmax`` returns ``(scores, v)`` like the stock module; for daGPAM
         the scores of the positive and the negative map are stacked on a leading axis.
         """
+        if torch.jit.is_scripting():  # the rest is not compiled
+            return self._scripted_forward(query, key, value, key_padding_mask, incremental_state, need_weights,
+                                          static_kv, attn_mask, before_softmax, need_head_weights)
         need_weights = bool(need_weights or need_head_weights)
         tgt_len, bsz, embed_dim = query.size()
         if not self.skip_embed_dim_check:
@@ -249,6 +252,108 @@ class GPAMMultiheadAttention(MultiheadAttention):
         dropout_p = self.dropout_module.p if self.training or self.dropout_module.apply_during_inference else 0.0
         out, weights = self.mechanism(q, k, v, mask, dropout_p, need_weights)
         return self._merge_heads(out, weights, kv_bsz, beam, tgt_len, bsz, need_head_weights)
+
+    # ------------------------------------------------------------------ TorchScript
+
+    __jit_unused_properties__ = ["attention_type"]
+
+    def _scripted_forward(
+        self,
+        query: Tensor,
+        key: Optional[Tensor],
+        value: Optional[Tensor],
+        key_padding_mask: Optional[Tensor],
+        incremental_state: Optional[Dict[str, Dict[str, Optional[Tensor]]]],
+        need_weights: bool,
+        static_kv: bool,
+        attn_mask: Optional[Tensor],
+        before_softmax: bool,
+        need_head_weights: bool,
+    ) -> Tuple[Tensor, Optional[Tensor]]:
+        """``forward`` under ``torch.jit.script``: the same stages in TorchScript's subset, with
+        fairseq's masks as one dense additive bias and the mechanism's explicit reference math
+        (``Mechanism.scripted``). One copy of K and V per sentence in beamable cross attention, as in
+        ``forward`` (so the stock ``reorder_incremental_state`` applies), repeated over the beam for
+        the product. Observers are not called."""
+        need_weights = need_weights or need_head_weights
+        tgt_len, bsz, embed_dim = query.size()
+        saved_state: Optional[Dict[str, Optional[Tensor]]] = None
+        if incremental_state is not None:
+            saved_state = self._get_input_buffer(incremental_state)
+            if "prev_key" in saved_state and static_kv:  # cross attention: cached at the first step
+                key = None
+        q = self.q_proj(query)
+        k: Optional[Tensor] = None
+        v: Optional[Tensor] = None
+        if self.self_attention:
+            k, v = self.k_proj(query), self.v_proj(query)
+        elif key is not None:
+            if self.encoder_decoder_attention:
+                if self.beam_size > 1 and bsz == key.size(1):  # keys repeat across the beam
+                    key = key.view(key.size(0), -1, self.beam_size, key.size(2))[:, :, 0, :]
+                    if key_padding_mask is not None:
+                        key_padding_mask = key_padding_mask.view(-1, self.beam_size, key_padding_mask.size(1))[:, 0, :]
+                value = key
+            assert value is not None
+            k, v = self.k_proj(key), self.v_proj(value)
+        if self.bias_k is not None:
+            assert k is not None and v is not None
+            k, v, key_padding_mask, attn_mask = self._add_bias(k, v, key_padding_mask, attn_mask, bsz)
+        q = q.view(tgt_len, bsz, self.num_heads, self.head_dim).permute(1, 2, 0, 3)
+        if k is not None and v is not None:
+            k = k.view(k.size(0), k.size(1), self.num_heads, self.head_dim).permute(1, 2, 0, 3)
+            v = v.view(v.size(0), v.size(1), self.num_heads, self.head_dim).permute(1, 2, 0, 3)
+        if saved_state is not None:
+            if "prev_key" in saved_state:
+                prev_key, prev_value = saved_state["prev_key"], saved_state["prev_value"]
+                assert prev_key is not None and prev_value is not None
+                if static_kv or k is None or v is None:
+                    k, v = prev_key, prev_value
+                else:
+                    k, v = torch.cat([prev_key, k], dim=2), torch.cat([prev_value, v], dim=2)
+            assert k is not None and v is not None
+            prev_key_padding_mask: Optional[Tensor] = None
+            if "prev_key_padding_mask" in saved_state:
+                prev_key_padding_mask = saved_state["prev_key_padding_mask"]
+            key_padding_mask = self._append_prev_key_padding_mask(
+                key_padding_mask=key_padding_mask, prev_key_padding_mask=prev_key_padding_mask,
+                batch_size=k.size(0), src_len=k.size(2), static_kv=static_kv,
+            )
+            k, v = k.contiguous(), v.contiguous()
+            saved_state["prev_key"], saved_state["prev_value"] = k, v
+            saved_state["prev_key_padding_mask"] = key_padding_mask
+            assert incremental_state is not None
+            incremental_state = self._set_input_buffer(incremental_state, saved_state)
+        assert k is not None and v is not None
+        if key_padding_mask is not None and key_padding_mask.dim() == 0:
+            key_padding_mask = None
+        if self.add_zero_attn:
+            k, v, key_padding_mask, attn_mask = self._append_zero_attn(k, v, key_padding_mask, attn_mask)
+        if k.size(0) != bsz:  # beamable cross attention: the beam's rows share their sentence's K and V
+            repeat = bsz // k.size(0)
+            k, v = k.repeat_interleave(repeat, dim=0), v.repeat_interleave(repeat, dim=0)
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.repeat_interleave(repeat, dim=0)
+        bias: Optional[Tensor] = None
+        if attn_mask is not None:
+            if attn_mask.dtype == torch.bool:
+                attn_mask = torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device).masked_fill(
+                    attn_mask, float("-inf"))
+            bias = attn_mask.to(q.dtype).view(1, 1, attn_mask.size(-2), attn_mask.size(-1))
+        if key_padding_mask is not None:
+            pad = key_padding_mask.to(torch.bool).view(bsz, 1, 1, k.size(2))
+            pad_bias = torch.zeros(pad.shape, dtype=q.dtype, device=q.device).masked_fill(pad, float("-inf"))
+            bias = pad_bias if bias is None else bias + pad_bias
+        if before_softmax:
+            scores = self.mechanism.scripted_scores(q, k, bias).flatten(-4, -3)
+            return scores, v.reshape(bsz * self.num_heads, -1, v.size(-1))
+        training = self.training or self.dropout_module.apply_during_inference
+        out, weights = self.mechanism.scripted(q, k, v, bias, self.dropout_module.p if training else 0.0, need_weights)
+        out = self.out_proj(out.permute(2, 0, 1, 3).reshape(tgt_len, bsz, self.embed_dim))
+        if weights is None:
+            return out, None
+        weights = weights.transpose(1, 0)  # (H, B, Tq, Tk)
+        return out, (weights if need_head_weights else weights.mean(dim=0))
 
     # ------------------------------------------------------------------ stages
 

@@ -46,6 +46,7 @@ which each program calls right after parsing and before reading ``tpu``).
 import contextlib
 import functools
 import sys
+import types
 import torch
 
 BF16 = torch.bfloat16
@@ -192,11 +193,18 @@ def inference_autocast(models) -> contextlib.AbstractContextManager:
 
 
 def _generator_generate(original):
-    @functools.wraps(original)
+    autocast_of = inference_autocast  # through the closure: the function gets fairseq's globals below
+
     def _generate(self, *args, **kwargs):
-        with inference_autocast(getattr(self.model, "models", [])):
+        with autocast_of(getattr(self.model, "models", [])):
             return original(self, *args, **kwargs)
 
+    # torch.jit.script(SequenceGenerator(...)) compiles fairseq's own _generate (the source that
+    # functools.wraps points to) but resolves its names through this function's globals: give it
+    # those of fairseq's module, so that it scripts as it does without the plugin
+    _generate = types.FunctionType(_generate.__code__, original.__globals__, _generate.__name__,
+                                   _generate.__defaults__, _generate.__closure__)
+    functools.update_wrapper(_generate, original)
     _generate.__wrapped_by_gpam__ = True
     return _generate
 

@@ -8,6 +8,7 @@ The options travel explicitly, not through ``TransformerConfig`` (which drops un
 keys when a language model's args are a DictConfig).
 """
 
+import torch
 from fairseq.distributed import fsdp_wrap
 from fairseq.models.transformer import TransformerDecoderBase, TransformerEncoderBase
 from fairseq.modules.checkpoint_activations import checkpoint_wrapper
@@ -126,6 +127,9 @@ class GPAMTransformerDecoder(TransformerDecoderBase):
     def buffered_future_mask(self, tensor):
         """fairseq's future mask, recorded as causal: the attention then takes the fused
         kernel's causal path (``is_causal``, no mask tensor) when there is no padding."""
+        if torch.jit.is_scripting():  # TorchScript has no super(): the same mask, made afresh
+            dim = tensor.size(0)
+            return torch.triu(torch.full((dim, dim), float("-inf"), dtype=tensor.dtype, device=tensor.device), 1)
         return mark_causal(super().buffered_future_mask(tensor))
 
     def build_decoder_layer(self, cfg, no_encoder_attn=False):
