@@ -544,3 +544,54 @@ def test_recomputed_attention_equals_the_kept_one_and_keeps_less(dropout_p, trai
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
     assert recomputed.saved_bytes < kept.saved_bytes
     assert recomputed.ops["backward"]["fused_attention_forward"] == 1  # the one more call
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+@pytest.mark.parametrize("trainable", [False, True])
+def test_stacked_queries_are_rebuilt_not_kept_when_q_shares_the_kv_storage(causal, dropout_p, trainable):
+    """Self-attention (q, k, v views of one projection): the fused kernel's stacked query input
+    is rebuilt from q and W_Q- in the backward pass instead of kept; the gradients are those of
+    keeping it (q, k, v in separate storages, as in cross attention), to the bit."""
+    from gpam_fairseq.measurement.profiling import SavedTensorLedger
+
+    g = torch.Generator().manual_seed(21)
+    qkv0 = torch.randn(T, B, 3 * E, generator=g, dtype=torch.float64)
+    w0 = torch.randn(E // H, E // H, generator=g, dtype=torch.float64)
+    lambdas0 = (torch.tensor([[[LP]]], dtype=torch.float64), torch.tensor([[[LN]]], dtype=torch.float64))
+    kpm = torch.zeros(B, T, dtype=torch.bool)
+    kpm[1, :2] = True
+    mask = Masks.Mask(causal=True) if causal else Masks.Mask.from_parts(None, kpm, torch.float64)
+    weights = torch.sin(torch.arange(B * H * T * (E // H), dtype=torch.float64)).view(B, H, T, E // H)
+    results = []
+    for shared in (True, False):
+        qkv = qkv0.clone().requires_grad_(True)
+        w = w0.clone().requires_grad_(True)
+        lambdas = [x.clone().requires_grad_(True) for x in lambdas0] if trainable else [LP, LN]
+        heads = [t.view(T, B, H, E // H).permute(1, 2, 0, 3) for t in qkv.split(E, dim=-1)]
+        q, k, v = heads if shared else [t.clone() for t in heads]
+        assert Fused.shares_storage(q, k) == shared
+        ledger = SavedTensorLedger()
+        torch.manual_seed(22)
+        count_pass(lambda: Fused.fused_dagpam(q, k, v, w, *lambdas, mask, dropout_p) * weights, ledger=ledger)
+        grads = [qkv.grad, w.grad] + ([x.grad for x in lambdas] if trainable else [])
+        results.append((grads, [r["bytes"] for r in ledger.rows() if r["origin"] == "stack"]))
+    (rebuilt, kept_rebuilt), (kept, kept_kept) = results
+    for a, b in zip(rebuilt, kept):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert kept_rebuilt == [] and kept_kept == [2 * B * T * E * 8]  # [Q+, Q-] in float64
+
+
+def test_rebuilt_stacked_queries_refuse_a_q_changed_in_place():
+    """The rebuild reads q again: a q modified in place after the forward pass is an error, as
+    autograd reports for a tensor it keeps."""
+    g = torch.Generator().manual_seed(23)
+    qkv = torch.randn(T, B, 3 * E, generator=g, dtype=torch.float64)
+    w = torch.randn(E // H, E // H, generator=g, dtype=torch.float64, requires_grad=True)
+    q, k, v = [t.view(T, B, H, E // H).permute(1, 2, 0, 3) for t in qkv.split(E, dim=-1)]
+    with Fused.recomputed_instead_of_saved():
+        both = Fused.query_pair(q, w, on_heads=False, rebuildable=True)
+        out = (both * both).sum()
+    qkv.mul_(2.0)
+    with pytest.raises(RuntimeError, match="modified in place"):
+        out.backward()

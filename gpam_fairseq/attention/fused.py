@@ -11,7 +11,7 @@ for recomputation. Every function here is tested against the reference math of
 """
 
 from collections import OrderedDict
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Optional, Tuple
 
 import torch
@@ -96,35 +96,75 @@ def zero_rows(out: Tensor, rows: Optional[Tensor], order=None) -> Tensor:
 
 
 class _QueryPair(torch.autograd.Function):
-    """Q- = ReLU(Q+) W_Q- and both query sets stacked (:func:`stack_queries`), keeping for the
-    backward pass only the stacked tensor, which the fused kernel keeps anyway (its input):
-    ReLU(Q+) is recomputed from its first half instead of being saved (one kernel for a
-    tensor of the size of Q)."""
+    """Q- = ReLU(Q+) W_Q- and both query sets stacked (:func:`stack_queries`).
+
+    Kept for the backward pass: with ``rebuilt`` (:class:`StackedQueries`), q and W_Q- (q is a
+    view of the projection that the fused kernel keeps anyway for K and V), and ReLU(Q+) comes
+    from the rebuild of the stacked tensor for the kernel's backward pass; otherwise the
+    stacked tensor, which the fused kernel keeps anyway (its input), q read back from its first
+    half and ReLU(Q+) recomputed (one kernel of the size of q)."""
 
     @staticmethod
-    def forward(ctx, q, w, on_heads):
+    def forward(ctx, q, w, on_heads, rebuilt=None):
         both = stack_queries(q, negative_query(q, w), on_heads)
         ctx.on_heads = on_heads
         ctx.q_shape = q.shape
-        ctx.save_for_backward(both, w)
+        ctx.rebuilt = rebuilt
+        ctx.save_for_backward(q if rebuilt is not None else both, w)
         return both
 
     @staticmethod
     def backward(ctx, grad_both):
-        both, w = ctx.saved_tensors
-        q, _ = _unstack_queries(both, ctx.on_heads, ctx.q_shape)
+        kept, w = ctx.saved_tensors
+        q = kept if ctx.rebuilt is not None else _unstack_queries(kept, ctx.on_heads, ctx.q_shape)[0]
         grad_pos, grad_neg = _unstack_queries(grad_both, ctx.on_heads, ctx.q_shape)
+        relu = ctx.rebuilt.take_relu() if ctx.rebuilt is not None else None
         w_ = w.to(q.dtype)
         if w.dim() == 2:  # in q's memory order, where the heads and positions flatten without a copy
             order = physical_order(q)
-            q_, grad_neg_ = q.permute(order), grad_neg.permute(order)
+            relu_ = F.relu(q.permute(order)) if relu is None else relu
+            grad_neg_ = grad_neg.permute(order)
             grad_relu = (grad_neg_ @ w_.t()).permute(inverse_permutation(order))
-            grad_w = F.relu(q_).reshape(-1, w.size(0)).t() @ grad_neg_.reshape(-1, w.size(1))
+            grad_w = relu_.reshape(-1, w.size(0)).t() @ grad_neg_.reshape(-1, w.size(1))
         else:
             grad_relu = grad_neg @ w_.transpose(-1, -2)
-            grad_w = (F.relu(q).transpose(-1, -2) @ grad_neg).sum(0)
+            grad_w = ((F.relu(q) if relu is None else relu).transpose(-1, -2) @ grad_neg).sum(0)
         grad_q = grad_pos + torch.ops.aten.threshold_backward(grad_relu, q, 0)
-        return grad_q, grad_w.to(w.dtype), None
+        return grad_q, grad_w.to(w.dtype), None, None
+
+
+class StackedQueries:
+    """How the stacked queries of one call are rebuilt instead of kept (see :func:`query_pair`).
+
+    The fused kernel keeps its query input for its backward pass; daGPAM's is the stacked
+    tensor [Q+, Q-], twice the size of q, half of it a copy of q. Under
+    :func:`recomputed_instead_of_saved` it is not kept: the backward pass rebuilds it from q
+    (kept anyway) and W_Q- with the forward pass's kernels (ReLU, one d_h x d_h product, the
+    stacking copy), bit for bit, and hands its ReLU(Q+) on to the query pair's backward."""
+
+    def __init__(self, q: Tensor, w: Tensor, on_heads: bool):
+        self.q, self.w, self.on_heads = q, w, on_heads
+        self.relu: Optional[Tensor] = None
+
+    def kept(self) -> Tuple[Tensor, ...]:
+        return (self.q,)
+
+    def rebuild(self, kept) -> Tensor:
+        (q,) = kept
+        with torch.no_grad():
+            w = self.w.to(q.dtype)
+            if w.dim() == 3:
+                self.relu = F.relu(q)
+                q_neg = self.relu @ w
+            else:
+                order = physical_order(q)
+                self.relu = F.relu(q.permute(order))
+                q_neg = (self.relu @ w).permute(inverse_permutation(order))
+            return stack_queries(q, q_neg, self.on_heads)
+
+    def take_relu(self) -> Optional[Tensor]:
+        relu, self.relu = self.relu, None
+        return relu
 
 
 def _unstack_queries(both: Tensor, on_heads: bool, q_shape) -> Tuple[Tensor, Tensor]:
@@ -133,9 +173,17 @@ def _unstack_queries(both: Tensor, on_heads: bool, q_shape) -> Tuple[Tensor, Ten
     return pairs.unbind(2)
 
 
-def query_pair(q: Tensor, w_q_neg: Tensor, on_heads: bool) -> Tensor:
-    """Q+ and Q- = ReLU(Q+) W_Q- in one stacked tensor (:func:`stack_queries`)."""
-    return _QueryPair.apply(q, w_q_neg, on_heads)
+def query_pair(q: Tensor, w_q_neg: Tensor, on_heads: bool, rebuildable: bool = False) -> Tensor:
+    """Q+ and Q- = ReLU(Q+) W_Q- in one stacked tensor (:func:`stack_queries`).
+
+    ``rebuildable``: the result carries what rebuilds it from q and W_Q- (:class:`StackedQueries`),
+    so that a fused call made under :func:`recomputed_instead_of_saved` does not keep it."""
+    if not (rebuildable and torch.is_grad_enabled() and (q.requires_grad or w_q_neg.requires_grad)):
+        return _QueryPair.apply(q, w_q_neg, on_heads, None)
+    recipe = StackedQueries(q.detach(), w_q_neg.detach(), on_heads)
+    both = _QueryPair.apply(q, w_q_neg, on_heads, recipe)
+    both.gpam_rebuild = recipe
+    return both
 
 
 def stack_queries(q: Tensor, q_neg: Tensor, on_heads: bool) -> Tensor:
@@ -190,7 +238,7 @@ class _SignedCombination(torch.autograd.Function):
             saved = (pair,) + heads
             ctx.lambda_shapes = tuple(x.shape if isinstance(x, Tensor) else None for x in (alpha, beta))
         if rebuildable:  # the result can be rebuilt from ``pair`` (see recomputed_instead_of_saved)
-            out.gpam_recompute = (pair.detach(), alpha, beta, rows_to_zero, order)
+            out.gpam_rebuild = _Combination(pair.detach(), alpha, beta, rows_to_zero, order)
         out = out.permute(inverse_permutation(order))
         if rows_to_zero is not None:
             out.masked_fill_(rows_to_zero, 0.0)
@@ -229,7 +277,7 @@ def _rebuild(recipe) -> Tensor:
     pair, alpha, beta, rows_to_zero, order = recipe
     with torch.no_grad():
         alpha, beta = (x.detach() if isinstance(x, Tensor) else x for x in (alpha, beta))
-        return _SignedCombination.forward(_NoContext(), pair, alpha, beta, rows_to_zero, order)
+        return _SignedCombination.forward(_NoContext(), pair, alpha, beta, rows_to_zero, order, rebuildable=False)
 
 
 class _NoContext:
@@ -237,38 +285,63 @@ class _NoContext:
         pass
 
 
+class _Combination:
+    """How a signed combination is rebuilt instead of kept: one ``lerp`` from the fused
+    kernel's output, which is kept anyway."""
+
+    def __init__(self, pair, alpha, beta, rows_to_zero, order):
+        self.pair, self.rest = pair, (alpha, beta, rows_to_zero, order)
+
+    def kept(self) -> Tuple[Tensor, ...]:
+        return (self.pair,)
+
+    def rebuild(self, kept) -> Tensor:
+        return _rebuild((kept[0],) + self.rest)
+
+
+def _recipe(t: Tensor):
+    """What rebuilds ``t`` (or the tensor it is a view of), if anything: its ``gpam_rebuild``."""
+    recipe = getattr(t, "gpam_rebuild", None)
+    if recipe is None and t._base is not None:
+        recipe = getattr(t._base, "gpam_rebuild", None)
+    return recipe
+
+
 @contextmanager
 def recomputed_instead_of_saved():
-    """Within: a tensor that autograd would save and that is (a view of) a daGPAM signed
-    combination is not kept; its backward use rebuilds it (one ``lerp``) from the fused
-    kernel's output, which is kept anyway.
+    """Within: a tensor that autograd would save and that carries a recipe (``gpam_rebuild``:
+    the stacked queries of :func:`query_pair`, a daGPAM signed combination) is not kept; the
+    recipe's inputs are kept instead (tensors kept anyway), and its backward use rebuilds it.
 
-    The attention module runs its output projection in here: the projection's weight
-    gradient needs its input, the combination, and keeping it would cost a tensor of the
-    size of the attention output per layer."""
+    The fused daGPAM call runs in here (the kernel keeps its query input, the stacked queries),
+    and so does the attention module's output projection when the combination is rebuildable."""
     if not torch.is_grad_enabled():
         yield
         return
-    # hooks do not nest (the innermost pair replaces the others): hand every other tensor
-    # to the hooks that were active outside, as if this context were not there
+    # hooks do not nest (the innermost pair replaces the others): hand every other tensor, and
+    # the inputs of a recipe, to the hooks that were active outside, as if this were not there
     outer = _outer_saved_tensors_hooks()
     outer_pack, outer_unpack = outer if outer is not None else (lambda t: t, lambda t: t)
 
     def pack(t: Tensor):
-        base = t if t._base is None else t._base
-        recipe = getattr(base, "gpam_recompute", None)
-        if recipe is None or base.untyped_storage().data_ptr() != t.untyped_storage().data_ptr():
+        recipe = _recipe(t)
+        if recipe is None:
             return (False, outer_pack(t))
-        return (True, (recipe, tuple(t.shape), t.stride(), t.storage_offset() - base.storage_offset()))
+        kept = tuple(outer_pack(x) for x in recipe.kept())
+        versions = tuple(x._version for x in recipe.kept())
+        return (True, (recipe, kept, versions, tuple(t.shape), t.stride(), t.storage_offset()))
 
     def unpack(packed):
         rebuild, payload = packed
         if not rebuild:
             return outer_unpack(payload)
-        recipe, shape, stride, offset = payload
-        rebuilt = _rebuild(recipe)
-        base = rebuilt if rebuilt._base is None else rebuilt._base
-        return base.as_strided(shape, stride, base.storage_offset() + offset)
+        recipe, kept, versions, shape, stride, offset = payload
+        kept = tuple(outer_unpack(x) for x in kept)
+        if tuple(x._version for x in kept) != versions:
+            raise RuntimeError("daGPAM: a tensor needed to rebuild an attention input for the backward pass was "
+                               "modified in place after the forward pass")
+        rebuilt = recipe.rebuild(kept)
+        return rebuilt.as_strided(shape, stride, offset)
 
     with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
         yield
@@ -368,19 +441,38 @@ def fused_dagpam(
     dropout_p: float, rebuildable: bool = True,
 ) -> Tensor:
     """The fused path of :func:`dagpam_attention`: both query sets in one kernel call, then
-    the signed combination (rebuildable: see :func:`recomputed_instead_of_saved`)."""
+    the signed combination.
+
+    ``rebuildable``: the combination can be rebuilt instead of kept (see
+    :func:`recomputed_instead_of_saved`), and so can the stacked queries when q shares its
+    storage with K and V (self-attention: one projection GEMM, which the kernel keeps anyway
+    for K and V), so that the kernel keeps nothing a stock attention would not: rebuilding
+    them costs two kernels of the size of q (:class:`StackedQueries`). Otherwise (cross
+    attention) q's storage would be kept for the rebuild alone, and the stacked tensor is kept.
+    """
+    rebuild_queries = rebuildable and shares_storage(q, k)
+    rebuilt = recomputed_instead_of_saved() if rebuild_queries else nullcontext()
     # fairseq's future mask without padding: no mask tensor, is_causal (FlashAttention's path);
     # heads 2h, 2h+1 hold Q+, Q- of head h, and grouped-query attention reads K, V head h for both
     if mask.causal and can_share_kv_heads(q, k, v, dropout_p):
-        both = fused_attention(query_pair(q, w_q_neg, on_heads=True), k, v, None, dropout_p, causal=True, gqa=True)
+        both = query_pair(q, w_q_neg, on_heads=True, rebuildable=rebuild_queries)
+        with rebuilt:
+            both = fused_attention(both, k, v, None, dropout_p, causal=True, gqa=True)
         pair = both.unflatten(1, (q.size(1), 2))
     # otherwise Q+ above Q- on the query axis: a mask that does not depend on the query
     # broadcasts (a causal mask, where no fused kernel takes grouped-query heads, is a tensor)
     else:
         bias = Mask(mask.dense_bias(q, k)).stacked_bias() if mask.causal else mask.stacked_bias()
-        both = fused_attention(query_pair(q, w_q_neg, on_heads=False), k, v, bias, dropout_p)
+        both = query_pair(q, w_q_neg, on_heads=False, rebuildable=rebuild_queries)
+        with rebuilt:
+            both = fused_attention(both, k, v, bias, dropout_p)
         pair = both.unflatten(2, (2, q.size(2)))
     return signed_combination(pair, lambda_pos, lambda_neg, mask.empty_rows, physical_order(q), rebuildable)
+
+
+def shares_storage(a: Tensor, b: Tensor) -> bool:
+    """Whether two tensors are views of one storage (q, k and v of one projection GEMM)."""
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
 class _RecomputedAttention(torch.autograd.Function):

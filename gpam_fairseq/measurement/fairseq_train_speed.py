@@ -19,7 +19,10 @@ peak CUDA memory allocated over the whole run (``torch.cuda.max_memory_allocated
 resets that counter after every update to log ``gb_free``, rounded to 0.1 GB, so the wrapper
 reads the counter before each reset and keeps the maximum) and the peak resident memory of
 the process (``ru_maxrss``). The table quotes the CUDA figure on a GPU and the resident
-memory on a CPU (where it is mostly Python, torch and fairseq themselves), and says which.
+memory on a CPU, and says which. On a CPU the resident memory is the model, its gradients and
+optimizer state, the activations kept for the backward pass and the runtime (Python, torch,
+fairseq, the data); the runtime is the same in both architectures, so a difference between
+them is the model's: parameters and, above all, activations.
 
     python scripts/benchmark_fairseq_train.py --pairs iwslt,lm512 --rounds 3                 # a GPU, fp16
     python scripts/benchmark_fairseq_train.py --pairs iwslt,lm512 --rounds 3 --precision bf16
@@ -217,8 +220,10 @@ def ratio_text(s, key="ratio"):
 
 
 PEAK_KINDS = {"cuda_max_allocated": "peak CUDA memory allocated (torch.cuda.max_memory_allocated over the whole run)",
-              "process_max_rss": "peak resident memory of the fairseq-train process (ru_maxrss; on a CPU, mostly "
-                                 "Python, torch and fairseq themselves)"}
+              "process_max_rss": "peak resident memory of the fairseq-train process (ru_maxrss): parameters, "
+                                 "gradients, optimizer state, the activations kept for the backward pass and the "
+                                 "runtime (Python, torch, fairseq, the data), the last the same in both "
+                                 "architectures, so that a difference between them is parameters and activations"}
 
 
 # the command line each run goes through (its --as-fairseq-train calls fairseq_train_with_peak_memory)
