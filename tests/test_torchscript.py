@@ -100,3 +100,13 @@ def test_scripted_language_model_decoder_gives_the_eager_outputs():
     tokens = torch.randint(4, 30, (2, 9))
     with torch.no_grad():
         torch.testing.assert_close(scripted(tokens)[0], decoder(tokens)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_a_mechanism_without_a_scripted_path_says_so_when_called():
+    torch.manual_seed(1)
+    model = build_translation_model("transformer_gpam_iwslt_de_en", TINY + ["--attention-type", "coda"], src_size=40,
+                                    tgt_size=40).eval()
+    scripted = torch.jit.script(model)
+    src, lengths = batch(model.encoder.dictionary)
+    with pytest.raises(Exception, match="this --attention-type has no TorchScript path"):
+        scripted(src, lengths, src)
