@@ -545,17 +545,7 @@ def wmt16_fixtures(seed=40):
         "dev/newstest2014-deen-src.de.sgm": seg_file([p[0] for p in n14], "srcset", "de").replace(
             '<seg id="2"> ', '<seg id="2">\n   '),  # a segment spread over two lines, as input-from-sgm.perl allows
         "dev/newstest2014-deen-ref.en.sgm": seg_file([p[1] for p in n14], "refset", "en")}
-    blobs = {}
-    for name, files in archives.items():
-        buf = io.BytesIO()
-        with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-            for path, content in files.items():
-                data = content.encode()
-                info = tarfile.TarInfo(path)
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-        blobs[name] = buf.getvalue()
-    return blobs, n13, n14
+    return {name: tgz(files) for name, files in archives.items()}, n13, n14
 
 
 def test_wmt16_scaling_nmt_rebuilt_from_statmt_archives(server, tmp_path, monkeypatch, capsys):

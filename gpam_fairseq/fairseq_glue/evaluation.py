@@ -28,6 +28,8 @@ from typing import Optional
 
 import numpy as np
 
+from gpam_fairseq.fairseq_glue.precision import _wrap  # wraps a fairseq function once
+
 logger = logging.getLogger(__name__)
 
 _TRAINING = contextvars.ContextVar("gpam_fairseq_training_batches", default=False)
@@ -104,12 +106,6 @@ def _get_train_iterator(original):
 
     get_train_iterator.__wrapped_by_gpam__ = True
     return get_train_iterator
-
-
-def _wrap(owner, name: str, wrap) -> None:
-    current = getattr(owner, name)
-    if not getattr(current, "__wrapped_by_gpam__", False):
-        setattr(owner, name, wrap(current))
 
 
 def install() -> None:
