@@ -512,6 +512,7 @@ def test_list_sources_json_shows_the_sha256_recorded_on_first_use(tmp_path, monk
     (entry,) = json.loads(out)
     assert code == 0 and entry["sha256"] == "ab" * 32 and entry["size"] == 1234
     assert entry["checksum_reference"].startswith("recorded on first use (")
+    assert entry["trusted_checksum_unauthenticated"] is True  # it came over http://
     code, out, _ = run_prepare("iwslt14", tmp_path, monkeypatch, capsys, "--list-sources")
     first = out.splitlines()[2].split()
     assert first == ["de-en.tgz", "1,234", "sha256", "ab" * 32]

@@ -89,7 +89,9 @@ class SourceFile:
             recorded = trust.entry(self.name) if trust is not None else None
             if recorded:
                 entry.update(size=recorded["size"], sha256=recorded["sha256"],
-                             checksum_reference=f"recorded on first use ({recorded['first_seen']}) in {trust.path}")
+                             checksum_reference=f"recorded on first use ({recorded['first_seen']}) in {trust.path}",
+                             trusted_checksum_origin=recorded.get("origin"),
+                             trusted_checksum_unauthenticated=unauthenticated(recorded.get("origin") or ""))
         return entry
 
 
