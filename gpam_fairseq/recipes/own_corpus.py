@@ -271,7 +271,8 @@ def read_catalog_pairs(paths, src, tgt, msgid_lang="en"):
     for path in files:
         catalog = cat.read_catalog(path)
         languages[catalog.language or "unknown"] += 1
-        if cat.base_language(catalog.language) != cat.base_language(other):
+        language = catalog.language or other  # no Language header, no <lang>/LC_MESSAGES path: as SRC/TGT say
+        if cat.base_language(language) != cat.base_language(other):
             continue
         if not catalog.pairs:
             if path in paths:  # named on its own: say so
@@ -279,10 +280,13 @@ def read_catalog_pairs(paths, src, tgt, msgid_lang="en"):
                                   f"all untranslated or fuzzy)")
             empty.append(path)
             continue
-        used.append({"path": os.path.abspath(path), "language": catalog.language, "pairs": len(catalog.pairs),
+        used.append({"path": os.path.abspath(path), "language": language, "pairs": len(catalog.pairs),
                      "sha256": _sha256(path)})
         for msgid, msgstr in catalog.pairs:
             pairs.append((msgstr, msgid) if src == other else (msgid, msgstr))
+    if not used and empty:
+        raise RecipeError(f"--catalogs: {len(empty)} catalog(s) in {other}, none with translated entries "
+                          f"(e.g. {empty[0]})")
     if not used:
         seen = ", ".join(f"{k}: {v}" for k, v in sorted(languages.items()))
         raise RecipeError(f"--catalogs: no catalog in {other} with translated entries among {len(files)} file(s) "
@@ -524,6 +528,17 @@ def stage_prepare(s, argv):
     shutil.rmtree(partial, ignore_errors=True)
     os.makedirs(partial)
     say(f"[prepare] own_corpus ({'lm, ' + src if lm else src + '->' + tgt}) from {kind} -> {s.prepared}")
+    try:
+        _prepare_into(partial, s, args, opts, kind, lm, src, tgt)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)  # nothing half-written is left behind
+        raise
+    shutil.rmtree(s.prepared, ignore_errors=True)
+    os.replace(partial, s.prepared)
+    say(f"[prepare] done: {s.prepared} (counts in {INFO})")
+
+
+def _prepare_into(partial, s, args, opts, kind, lm, src, tgt):
     counts, inputs = {}, []
     if lm:
         if args.raw_dir:
@@ -567,6 +582,3 @@ def stage_prepare(s, argv):
         if hidden.startswith(".") and not hidden.endswith(".done"):
             os.remove(os.path.join(partial, hidden))
     mark_done(partial, "prepare")
-    shutil.rmtree(s.prepared, ignore_errors=True)
-    os.replace(partial, s.prepared)
-    say(f"[prepare] done: {s.prepared} (counts in {INFO})")

@@ -417,9 +417,20 @@ def evaluate_translation(s, ckpt, result):
     result["files"] = {"hyps": "hyps.txt", "refs": "refs.txt"}
 
 
+def lm_eval_args(size_args, train_command):
+    """The size's fairseq-eval-lm arguments, with blocks no longer than the model was trained on:
+    when EXTRA_ARGS trained on shorter --tokens-per-sample, fairseq-eval-lm would skip every longer
+    block ("samples have invalid sizes") instead of scoring it."""
+    trained, wanted = last_flag(train_command or [], "--tokens-per-sample"), last_flag(size_args, "--tokens-per-sample")
+    if trained is None or wanted is None or int(trained) >= int(wanted):
+        return list(size_args)
+    return [*size_args, "--tokens-per-sample", trained, "--context-window", str(int(trained) * 3 // 4)]
+
+
 def evaluate_language_model(s, ckpt, result):
+    eval_args = lm_eval_args(s.size.eval_args, result.get("train_command"))
     cmd = [*measured("fairseq-eval-lm"), s.data_bin, "--user-dir", USER_DIR, "--path", ckpt,
-           "--gen-subset", "test", *s.size.eval_args, *DECODING_FLAGS[precision(_gpus())], *env_args("EVAL_ARGS")]
+           "--gen-subset", "test", *eval_args, *DECODING_FLAGS[precision(_gpus())], *env_args("EVAL_ARGS")]
     log_path = os.path.join(s.run_dir, "eval_lm.log")
     log = run_cli("fairseq-eval-lm", cmd, log_path)
     result["inference"] = inference_figures("fairseq-eval-lm", cmd, log, log_path)
