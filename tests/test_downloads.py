@@ -413,6 +413,23 @@ def test_archive_for_one_file_and_the_mirror_for_the_others(server, tmp_path, mo
     assert server.paths() == ["/ptb/ptb.train.txt", "/ptb/ptb.test.txt"]
 
 
+def test_archive_and_mirror_through_the_script(server, tmp_path):
+    """examples/ptb/prepare.py --archive ptb.test.txt --mirror URL: the other two from the mirror
+    (--no-verify: the fixtures are not the published files, and the script's tables are not patched)."""
+    texts = ptb_texts()
+    server.routes.update({f"/lab/ptb.{s}.txt": {"data": d} for s, d in texts.items()})
+    given = tmp_path / "ptb.test.txt"
+    given.write_bytes(texts["test"])
+    proc = run_all({"ptb": dict(argv=[sys.executable, os.path.join(REPO, "examples", "ptb", "prepare.py"), "--archive",
+                                      str(given), "--mirror", server.url + "/lab", "--only-mirrors", "--no-verify"],
+                                env={**ENV, "DATA_DIR": str(tmp_path / "data")})})["ptb"]
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert server.paths() == ["/lab/ptb.train.txt", "/lab/ptb.valid.txt"]
+    prepared = tmp_path / "data" / "prepared"
+    assert [(prepared / f"{s}.txt").read_bytes() for s in ("train", "valid", "test")] == [texts[s] for s in
+                                                                                        ("train", "valid", "test")]
+
+
 def test_https_comes_first_wherever_a_host_serves_both():
     for files in S.DOWNLOADS.values():
         for f in files + (S.PTB_SIMPLE_EXAMPLES,):
