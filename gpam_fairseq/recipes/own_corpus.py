@@ -276,8 +276,8 @@ def read_catalog_pairs(paths, src, tgt, msgid_lang="en"):
             continue
         if not catalog.pairs:
             if path in paths:  # named on its own: say so
-                raise RecipeError(f"{path}: a catalog with no translated entries ({catalog.entries} entries, "
-                                  f"all untranslated or fuzzy)")
+                raise RecipeError(f"{path}: a catalog with no translated entries ({catalog.entries} untranslated; "
+                                  f"fuzzy and obsolete entries do not count)")
             empty.append(path)
             continue
         used.append({"path": os.path.abspath(path), "language": language, "pairs": len(catalog.pairs),
@@ -566,8 +566,6 @@ def _prepare_into(partial, s, args, opts, kind, lm, src, tgt):
             pairs, used = read_catalog_pairs(args.catalogs, src, tgt, args.msgid_lang)
             splits = {"train": pairs}
             counts["catalogs"] = used
-        if not inputs and "catalogs" not in counts:
-            raise RecipeError("no input")
         prepare_translation(partial, splits, src, tgt, opts, counts)
     files = counts.pop("catalogs", None) or [{"path": os.path.abspath(p), "size": os.path.getsize(p), "sha256": _sha256(p)}
                                              for p in inputs]
