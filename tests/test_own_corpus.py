@@ -273,3 +273,19 @@ def test_split_sizes():
     assert own_corpus.split_sizes(100, 0.05, 0.1) == (5, 10)
     with pytest.raises(RecipeError, match="only 10 pairs"):
         own_corpus.split_sizes(10, 0.05, 0.05)
+
+
+def test_stage_progress_comes_as_it_is_printed(tmp_path):
+    """run_logged (every stage's fairseq call) shows each line when the child prints it: fairseq logs
+    to stdout, which Python would otherwise block-buffer into the pipe until the run ends."""
+    import sys
+    import time
+
+    from gpam_fairseq.fairseq_glue.tools import run_logged
+
+    seen = {}
+    child = "import time; print('first'); time.sleep(2); print('second')"
+    code, text = run_logged([sys.executable, "-c", child], str(tmp_path / "log"),
+                            echo=lambda line: seen.setdefault(line.strip(), time.monotonic()) and None)
+    assert code == 0 and text.split() == ["first", "second"]
+    assert seen["second"] - seen["first"] > 1.5

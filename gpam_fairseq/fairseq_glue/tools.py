@@ -54,6 +54,9 @@ def run_logged(cmd: Sequence, log_path: str, echo: Optional[Callable[[str], Opti
                cwd: str = REPO_ROOT, env: Optional[Dict[str, str]] = None) -> Tuple[int, str]:
     """Run a command, its output into log_path; echo(line) picks lines to show as progress.
     env: the command's environment (default: this process's). Returns (exit code, the whole output)."""
+    # fairseq's console scripts log to stdout, which Python block-buffers into a pipe: without
+    # PYTHONUNBUFFERED the progress lines (and the log file) would come in 8 kB bursts
+    env = {**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1"}
     with open(log_path, "w", encoding="utf-8") as log:
         proc = subprocess.Popen(
             [str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd, env=env
