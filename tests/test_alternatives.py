@@ -290,12 +290,12 @@ def test_generate_through_the_cli(corpus, trained):  # noqa: F811
 
 
 def test_analyze_collapse_on_the_trained_checkpoints(corpus, trained, tmp_path):  # noqa: F811
-    """scripts/analyze_collapse.py (gpam_fairseq/measurement/collapse.py) on real checkpoints (loaded through gpam_fairseq/checkpointing/checkpoints.py),
+    """scripts/analyze_collapse.py (gpam_fairseq/measurement/collapse/) on real checkpoints (loaded through gpam_fairseq/checkpointing/checkpoints.py),
     encoder and decoder stacks, on the valid split."""
-    from gpam_fairseq.measurement import collapse as collapse_analysis
+    from gpam_fairseq.measurement.collapse.cli import main as analyze_collapse
 
     prefix = str(tmp_path / "trained")
-    collapse_analysis.main(["--checkpoint", *trained.values(), "--data-bin", corpus["bin"], "--split", "valid",
+    analyze_collapse(["--checkpoint", *trained.values(), "--data-bin", corpus["bin"], "--split", "valid",
                            "--batch-size", "4", "--out-prefix", prefix])
     with open(prefix + ".csv") as f:
         rows = list(csv.DictReader(f))

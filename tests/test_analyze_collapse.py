@@ -1,4 +1,4 @@
-"""scripts/analyze_collapse.py (gpam_fairseq/measurement/collapse.py): the metrics, the direction of
+"""scripts/analyze_collapse.py (gpam_fairseq/measurement/collapse/): the metrics, the direction of
 the paper's Lemma 5, the CLI."""
 
 import csv
@@ -10,7 +10,9 @@ import sys
 import pytest
 import torch
 
-from gpam_fairseq.measurement import collapse as ac
+from gpam_fairseq.measurement.collapse.cli import main as analyze_collapse
+from gpam_fairseq.measurement.collapse.measure import measure_pure
+from gpam_fairseq.measurement.collapse.metrics import mean_cosine, residual_ratio
 from helpers import REPO
 
 
@@ -19,17 +21,17 @@ def test_residual_of_rank_one_input_is_zero_and_cosine_of_identical_tokens_is_on
     row = torch.randn(1, 16, generator=g, dtype=torch.float64)
     same = row.expand(10, 16)
     for norm in ("fro", "l1inf"):
-        assert ac.residual_ratio(same, norm) < 1e-15  # 0 up to the rounding of the mean
-    assert ac.mean_cosine(same) == pytest.approx(1.0, abs=1e-12)
+        assert residual_ratio(same, norm) < 1e-15  # 0 up to the rounding of the mean
+    assert mean_cosine(same) == pytest.approx(1.0, abs=1e-12)
     x = torch.randn(10, 16, generator=g, dtype=torch.float64)
     for norm in ("fro", "l1inf"):
-        assert 0 < ac.residual_ratio(x, norm) <= 1.0 + 1e-12
+        assert 0 < residual_ratio(x, norm) <= 1.0 + 1e-12
     # Frobenius: the minimiser is the token mean, so moving x away from it only increases the norm
     res = (x - x.mean(0)).norm()
-    assert ac.residual_ratio(x, "fro") == pytest.approx((res / x.norm()).item())
+    assert residual_ratio(x, "fro") == pytest.approx((res / x.norm()).item())
     assert (x - x.mean(0) - 0.01).norm() > res
     # adding a common vector to every token (rank one) does not change the residual
-    assert ac.residual_ratio(x + row, "fro") == pytest.approx((res / (x + row).norm()).item())
+    assert residual_ratio(x + row, "fro") == pytest.approx((res / (x + row).norm()).item())
 
 
 def test_l1inf_composite_norm():
@@ -37,12 +39,12 @@ def test_l1inf_composite_norm():
     # ||x||_1 = max col sum = max(4, 3) = 4, ||x||_inf = max row sum = max(3, 3, 1) = 3
     # x = median (1, 0): residual [[0,-2],[2,0],[-1,1]], ||.||_1 = 3, ||.||_inf = 2 -> sqrt(6)
     # x = mean (4/3, -1/3): ||.||_1 = 10/3, ||.||_inf = 8/3 -> sqrt(80/9) > sqrt(6); x = 0: sqrt(12)
-    assert ac.residual_ratio(x, "l1inf") == pytest.approx(math.sqrt(3 * 2) / math.sqrt(4 * 3))
+    assert residual_ratio(x, "l1inf") == pytest.approx(math.sqrt(3 * 2) / math.sqrt(4 * 3))
 
 
 @pytest.mark.parametrize("attention_type", ["softmax", "dagpam", "diff", "coda", "nap", "unnormalized"])
 def test_pure_stack_gradient_norms_positive_and_finite(attention_type):
-    rows = ac.measure_pure(attention_type, depth=3, dim=16, heads=2, tokens=8, batch=2, seed=0)
+    rows = measure_pure(attention_type, depth=3, dim=16, heads=2, tokens=8, batch=2, seed=0)
     assert [r["layer"] for r in rows] == [0, 1, 2, 3] and rows[0]["grad_norm_wq"] is None
     grads = [r["grad_norm_wq"] for r in rows[1:]]
     assert all(math.isfinite(g) and g > 0 for g in grads), grads
@@ -55,8 +57,8 @@ def test_softmax_collapses_faster_than_dagpam_lemma5_direction():
     looking at results: over 5 seeds, the mean over those layers of
     log10(r_dagpam / r_softmax) exceeds 0.1 decades for every seed."""
     for seed in range(5):
-        soft = ac.measure_pure("softmax", depth=8, dim=64, heads=4, tokens=32, batch=4, seed=seed)
-        dag = ac.measure_pure("dagpam", depth=8, dim=64, heads=4, tokens=32, batch=4, seed=seed)
+        soft = measure_pure("softmax", depth=8, dim=64, heads=4, tokens=32, batch=4, seed=seed)
+        dag = measure_pure("dagpam", depth=8, dim=64, heads=4, tokens=32, batch=4, seed=seed)
         assert soft[0]["residual_ratio"] == dag[0]["residual_ratio"]  # same input
         gaps = [math.log10(d["residual_ratio"] / s["residual_ratio"]) for s, d in zip(soft[1:], dag[1:])
                 if s["residual_ratio"] > 1e-6 and d["residual_ratio"] > 1e-6]
@@ -96,7 +98,7 @@ def test_cli_random_init_writes_csv_and_png(tmp_path):
 def test_cli_pure_attention_l1inf(tmp_path):
     """In-process through main() (the subprocess path is exercised above)."""
     prefix = str(tmp_path / "pure")
-    ac.main(["--pure-attention", "--attention-types", "softmax,nap", "--depth", "3", "--dim", "16", "--heads", "2",
+    analyze_collapse(["--pure-attention", "--attention-types", "softmax,nap", "--depth", "3", "--dim", "16", "--heads", "2",
              "--tokens", "8", "--batch-size", "2", "--seeds", "1,2", "--norm", "l1inf", "--out-prefix", prefix])
     rows = read_csv(prefix + ".csv")
     assert len(rows) == 2 * 2 * 4 and {r["norm"] for r in rows} == {"l1inf"}

@@ -1,4 +1,4 @@
-"""The lambda map of scripts/analyze_collapse.py (gpam_fairseq/measurement/collapse.py): the grid
+"""The lambda map of scripts/analyze_collapse.py (gpam_fairseq/measurement/collapse/): the grid
 --lambda-pos x --lambda-neg reaches the daGPAM math in both modes, (0, 0) is softmax, points
 that break the row-sum rule are refused in one line, and the trained-lambda reader returns what
 a checkpoint holds."""
@@ -13,7 +13,10 @@ import sys
 import pytest
 import torch
 
-from gpam_fairseq.measurement import collapse as ac
+from gpam_fairseq.measurement.collapse.cli import main as analyze_collapse
+from gpam_fairseq.measurement.collapse.grid import lambda_grid
+from gpam_fairseq.measurement.collapse.measure import build_random_model, measure_pure
+from gpam_fairseq.measurement.collapse.trained import checkpoints_in, read_trained_lambdas, trained_lambdas
 from gpam_fairseq.options import GPAMConfigError, GPAMOptions
 from helpers import REPO
 
@@ -31,19 +34,19 @@ def test_zero_lambdas_reproduce_softmax_exactly(init):
     """lambda+ = lambda- = 0 gives P_G = P+, the softmax map: every measured number of a float64
     stack is bit for bit that of softmax (same projections, same input), whatever W_Q- is."""
     for seed in (0, 1):
-        soft = ac.measure_pure("softmax", seed=seed, **PURE)
-        zero = ac.measure_pure("dagpam", seed=seed, options=GPAMOptions(lambda_pos=0.0, lambda_neg=0.0, neg_query_init=init),
+        soft = measure_pure("softmax", seed=seed, **PURE)
+        zero = measure_pure("dagpam", seed=seed, options=GPAMOptions(lambda_pos=0.0, lambda_neg=0.0, neg_query_init=init),
                                **PURE)
         assert soft == zero
         # and a point next to it is not softmax: the comparison can fail
-        near = ac.measure_pure("dagpam", seed=seed, options=GPAMOptions(lambda_pos=0.0, lambda_neg=0.05, neg_query_init=init),
+        near = measure_pure("dagpam", seed=seed, options=GPAMOptions(lambda_pos=0.0, lambda_neg=0.05, neg_query_init=init),
                                **PURE)
         assert near[2]["residual_ratio"] != soft[2]["residual_ratio"]
 
 
 def test_pure_grid_every_point_reaches_the_math(tmp_path):
     prefix = str(tmp_path / "pure")
-    ac.main(["--pure-attention", "--attention-types", "softmax,dagpam", "--depth", "3", "--dim", "16", "--heads", "2",
+    analyze_collapse(["--pure-attention", "--attention-types", "softmax,dagpam", "--depth", "3", "--dim", "16", "--heads", "2",
              "--tokens", "8", "--batch-size", "2", "--seeds", "0", "--lambda-pos", "0,0.5,2", "--lambda-neg", "0,0.4,1.45",
              "--skip-invalid", "--neg-query-inits", "neg_identity,random", "--out-prefix", prefix])
     rows = read_csv(prefix + ".csv")
@@ -74,7 +77,7 @@ def test_pure_grid_every_point_reaches_the_math(tmp_path):
         assert os.path.getsize(png) > 10_000
     # --from-csv draws the same map again from the CSV alone
     again = str(tmp_path / "again")
-    ac.main(["--from-csv", prefix + ".csv", "--out-prefix", again])
+    analyze_collapse(["--from-csv", prefix + ".csv", "--out-prefix", again])
     with open(prefix + "_map.csv") as f, open(again + "_map.csv") as g:
         assert f.read() == g.read()
     assert os.path.getsize(again + "_map.png") > 10_000
@@ -83,7 +86,7 @@ def test_pure_grid_every_point_reaches_the_math(tmp_path):
 def test_arch_grid_reaches_the_model(tmp_path):
     """--arch ... --random-init: the grid's flags reach the model's daGPAM modules."""
     prefix = str(tmp_path / "arch")
-    ac.main(["--arch", "transformer_lm_gpam", "--random-init", "--attention-types", "dagpam", "--fairseq-args", SMALL_LM,
+    analyze_collapse(["--arch", "transformer_lm_gpam", "--random-init", "--attention-types", "dagpam", "--fairseq-args", SMALL_LM,
              "--vocab", "40", "--batch-size", "2", "--tokens", "10", "--lambda-pos", "0.2,1", "--lambda-neg", "0.2,0.9",
              "--map-layers", "1,last", "--out-prefix", prefix])
     rows = read_csv(prefix + ".csv")
@@ -99,7 +102,7 @@ def test_without_a_grid_the_configured_lambdas_are_kept(tmp_path):
     """No grid: daGPAM is measured with the lambdas and W_Q- start --fairseq-args gives (not the
     defaults), and the CSV says which."""
     prefix = str(tmp_path / "configured")
-    ac.main(["--arch", "transformer_lm_gpam", "--random-init", "--attention-types", "dagpam", "--vocab", "40",
+    analyze_collapse(["--arch", "transformer_lm_gpam", "--random-init", "--attention-types", "dagpam", "--vocab", "40",
              "--fairseq-args", SMALL_LM + " --gpam-lambda-pos 1 --gpam-lambda-neg 0.5 --gpam-neg-query-init random",
              "--batch-size", "2", "--tokens", "10", "--out-prefix", prefix])
     rows = read_csv(prefix + ".csv")
@@ -108,8 +111,8 @@ def test_without_a_grid_the_configured_lambdas_are_kept(tmp_path):
 
 def test_grid_with_invalid_points_is_refused_in_one_line(tmp_path):
     with pytest.raises(GPAMConfigError, match=r"\(lambda\+ 0, lambda- 1\), \(lambda\+ 0, lambda- 1\.5\)"):
-        ac.lambda_grid([0.0, 1.0], [0.5, 1.0, 1.5])
-    assert ac.lambda_grid([0.0, 1.0], [0.5, 1.0, 1.5], skip_invalid=True) == [(0.0, 0.5), (1.0, 0.5), (1.0, 1.0), (1.0, 1.5)]
+        lambda_grid([0.0, 1.0], [0.5, 1.0, 1.5])
+    assert lambda_grid([0.0, 1.0], [0.5, 1.0, 1.5], skip_invalid=True) == [(0.0, 0.5), (1.0, 0.5), (1.0, 1.0), (1.0, 1.5)]
     prefix = str(tmp_path / "refused")
     proc = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "analyze_collapse.py"), "--pure-attention",
                            "--depth", "2", "--dim", "8", "--heads", "2", "--lambda-pos", "0,0.2", "--lambda-neg", "0.5,1.2",
@@ -138,7 +141,7 @@ def softplus(x):
 
 @pytest.mark.parametrize("scope", ["head", "module"])
 def test_trained_lambda_reader_returns_what_the_checkpoint_holds(tmp_path, scope):
-    model, _ = ac.build_random_model("transformer_lm_gpam", "language_modeling", "dagpam",
+    model, _ = build_random_model("transformer_lm_gpam", "language_modeling", "dagpam",
                                      SMALL_LM.split() + ["--gpam-trainable-lambda", "--gpam-lambda-scope", scope],
                                      None, 40, seed=1)
     n = 2 if scope == "head" else 1
@@ -153,7 +156,7 @@ def test_trained_lambda_reader_returns_what_the_checkpoint_holds(tmp_path, scope
             known[f"decoder.layers.{l}.self_attn"] = (pos, neg)
     save_dir = tmp_path / "checkpoints" / "run1"
     save_checkpoint(model, str(save_dir / "checkpoint_best.pt"))
-    rows = ac.read_trained_lambdas(str(save_dir / "checkpoint_best.pt"))
+    rows = read_trained_lambdas(str(save_dir / "checkpoint_best.pt"))
     assert len(rows) == 2 * n
     for r in rows:
         pos, neg = known[r["module"]]
@@ -173,16 +176,16 @@ def test_trained_lambda_reader_returns_what_the_checkpoint_holds(tmp_path, scope
 
     # folders: a --save-dir, a recipe run folder (its .train.done names the --save-dir), a tree
     ckpt = str(save_dir / "checkpoint_best.pt")
-    assert ac.checkpoints_in(str(save_dir)) == [ckpt]
+    assert checkpoints_in(str(save_dir)) == [ckpt]
     run_dir = tmp_path / "runs" / "run1"
     run_dir.mkdir(parents=True)
     (run_dir / ".train.done").write_text(json.dumps({"command": ["data-bin", "--save-dir", str(save_dir), "--seed", "1"]}))
-    assert ac.checkpoints_in(str(run_dir)) == [ckpt]
-    assert ac.checkpoints_in(str(tmp_path / "checkpoints")) == [ckpt]
+    assert checkpoints_in(str(run_dir)) == [ckpt]
+    assert checkpoints_in(str(tmp_path / "checkpoints")) == [ckpt]
 
     # on the map: the CLI reads them, writes them out and marks them
     prefix = str(tmp_path / "map")
-    ac.main(["--pure-attention", "--attention-types", "dagpam", "--depth", "2", "--dim", "8", "--heads", "2", "--tokens", "6",
+    analyze_collapse(["--pure-attention", "--attention-types", "dagpam", "--depth", "2", "--dim", "8", "--heads", "2", "--tokens", "6",
              "--batch-size", "1", "--lambda-pos", "0.2,1", "--lambda-neg", "0.2,1", "--trained-lambda", str(run_dir),
              "--out-prefix", prefix])
     written = read_csv(prefix + "_trained_lambda.csv")
@@ -193,9 +196,9 @@ def test_trained_lambda_reader_returns_what_the_checkpoint_holds(tmp_path, scope
 def test_checkpoint_without_trainable_lambdas_is_named(tmp_path):
     from gpam_fairseq.checkpointing.checkpoints import CheckpointError
 
-    model, _ = ac.build_random_model("transformer_lm_gpam", "language_modeling", "dagpam", SMALL_LM.split(), None, 40, seed=1)
+    model, _ = build_random_model("transformer_lm_gpam", "language_modeling", "dagpam", SMALL_LM.split(), None, 40, seed=1)
     path = str(tmp_path / "fixed" / "checkpoint_last.pt")
     save_checkpoint(model, path)
-    assert ac.read_trained_lambdas(path) == []
+    assert read_trained_lambdas(path) == []
     with pytest.raises(CheckpointError, match="no checkpoint there holds trainable daGPAM lambdas"):
-        ac.trained_lambdas([str(tmp_path / "fixed")])
+        trained_lambdas([str(tmp_path / "fixed")])

@@ -4,7 +4,7 @@ attention type, identical budget and seed, then perplexity and the collapse anal
 
 For each type in --attention-types it runs fairseq-train (same flags, same --seed, only
 --attention-type differs), fairseq-eval-lm on the test split, and finally the collapse
-analysis of scripts/analyze_collapse.py (gpam_fairseq/measurement/collapse.py) on all
+analysis of scripts/analyze_collapse.py (gpam_fairseq/measurement/collapse/) on all
 checkpoints (the first --analysis-batch sentences of the valid split). It writes, under
 --out-dir:
 
@@ -161,7 +161,9 @@ def main(argv=None):
 
     import shlex
 
-    from gpam_fairseq.measurement import collapse as collapse_analysis
+    from gpam_fairseq.measurement.collapse import cli as collapse_cli
+    from gpam_fairseq.measurement.collapse.output import plot, write_csv
+    from gpam_fairseq.measurement.collapse.trained import TRAINED_FIELDS, read_trained_lambdas, summarise_trained
 
     size_name = "quick" if args.quick else "small" if args.small else "full"
     size = dict(SIZES[size_name])
@@ -221,18 +223,18 @@ def main(argv=None):
         print(f"|     {t}: test perplexity {ppl}", flush=True)
 
     print("| collapse analysis of the trained checkpoints (valid split)", flush=True)
-    a_args = collapse_analysis.get_parser().parse_args(
+    a_args = collapse_cli.get_parser().parse_args(
         ["--checkpoint", *checkpoints, "--data-bin", data_bin, "--split", "valid",
          "--batch-size", str(args.analysis_batch), "--out-prefix", os.path.join(out, "collapse")])
-    rows = collapse_analysis.run(a_args)
-    collapse_analysis.write_csv(rows, os.path.join(out, "collapse.csv"))
-    collapse_analysis.plot(rows, os.path.join(out, "collapse.png"),
-                          title=f"trained {size['layers']}-layer LMs ({size_name} size), valid batch")
+    rows = collapse_cli.run(a_args)
+    write_csv(rows, os.path.join(out, "collapse.csv"))
+    plot(rows, os.path.join(out, "collapse.png"),
+         title=f"trained {size['layers']}-layer LMs ({size_name} size), valid batch")
     # daGPAM trained with --gpam-trainable-lambda: its learned lambdas, per module or head
-    trained = [r for ckpt in checkpoints for r in collapse_analysis.read_trained_lambdas(ckpt)]
+    trained = [r for ckpt in checkpoints for r in read_trained_lambdas(ckpt)]
     if trained:
-        collapse_analysis.write_csv(trained, os.path.join(out, "trained_lambda.csv"), collapse_analysis.TRAINED_FIELDS)
-        print("\n".join(collapse_analysis.summarise_trained(trained)))
+        write_csv(trained, os.path.join(out, "trained_lambda.csv"), TRAINED_FIELDS)
+        print("\n".join(summarise_trained(trained)))
         print(f"| wrote {out}/trained_lambda.csv (the learned lambdas; scripts/analyze_collapse.py --trained-lambda "
               f"{out} marks them on the lambda map)", flush=True)
     last = {r["attention_type"]: r for r in rows if int(r["layer"]) == size["layers"]}
