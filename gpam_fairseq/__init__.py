@@ -10,10 +10,6 @@ import logging
 import sys
 import warnings
 
-from gpam_fairseq._moved import install_old_module_paths
-
-install_old_module_paths()  # gpam_fairseq.checkpoints & co. from before the subpackages still import
-
 
 @contextlib.contextmanager
 def _quiet_first_fairseq_import():

@@ -106,7 +106,7 @@ def test_each_part_imports_only_what_it_may():
     wrong = []
     for module, targets in edges.items():
         source = part(module)
-        if source is None or source == "_moved":
+        if source is None:
             continue
         for target in targets:
             into = part(target)
@@ -114,4 +114,4 @@ def test_each_part_imports_only_what_it_may():
                 continue
             wrong.append(f"{module} -> {target}")
     assert not wrong, "imports across the layout's rules (docs/architecture.md): " + ", ".join(sorted(wrong))
-    assert set(ALLOWED) == {part(m) for m in edges if part(m) not in (None, "_moved")}
+    assert set(ALLOWED) == {part(m) for m in edges if part(m) is not None}

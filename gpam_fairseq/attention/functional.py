@@ -25,12 +25,11 @@ Masked keys get exactly zero weight. A query row whose keys are *all* masked get
 output and zero weights in every path (a plain softmax would give NaN there).
 
 Attention dropout: each probability map is dropped out on its own, with independent
-masks, and the two results are combined. This is what two fused kernel calls do, and the
-explicit path does the same, so both paths sample the same distribution; in expectation
-the output is still P_G V. Returned weights are always the un-dropped P_G, as in fairseq.
+masks, and the two results are combined. The fused path does this in its one kernel call over
+the stacked queries and the explicit path does the same, so both paths sample the same
+distribution; in expectation the output is still P_G V. Returned weights are always the un-dropped P_G, as in fairseq.
 """
 
-import importlib
 from typing import Optional, Tuple, Union
 
 import torch
@@ -145,35 +144,3 @@ def dagpam_scores(q: Tensor, k: Tensor, w_q_neg: Tensor, bias: Optional[Tensor] 
     """The two score maps before their softmax, stacked on a new leading axis (+, -)."""
     q_neg = negative_query(q, w_q_neg)
     return torch.stack([attention_scores(q, k, bias), attention_scores(q_neg, k, bias)])
-
-
-# ----------------------------------------------------------------------------- former names
-#
-# This module used to hold the masks, the fast path and the alternatives too. Their names stay
-# importable from here (resolved on first use: those modules import this one).
-
-_MOVED = {
-    "gpam_fairseq.attention.masks": ("scalar", "_SCALARS", "Mask", "as_mask", "MASKED_BIAS", "unmasked_keys"),
-    "gpam_fairseq.attention.fused": (
-        "_TORCH_VERSION", "SDPA_HAS_GQA", "fused_attention", "can_share_kv_heads", "_ZeroRows", "zero_rows",
-        "_QueryPair", "_unstack_queries", "query_pair", "stack_queries", "_SignedCombination", "_rebuild",
-        "_NoContext", "recomputed_instead_of_saved", "_outer_saved_tensors_hooks", "_as_head_tensor", "_reduce_to",
-        "tensor_identity", "KeptAliveCache", "_COEFFICIENTS", "_pair_coefficients", "signed_combination",
-        "fused_dagpam", "_RecomputedAttention", "rng_state", "restored_rng",
-    ),
-    "gpam_fairseq.attention.paths": ("softmax_attention", "dagpam_attention"),
-    "gpam_fairseq.attention.alternatives": (
-        "masked_scores", "weighted_values", "unnormalized_weights", "unnormalized_attention",
-        "CDIST_CHUNK_ELEMENTS", "l1_distances", "coda_weights", "coda_attention", "nap_weights", "nap_attention",
-        "diff_lambda_init", "diff_lambda", "pair_values", "unpair_heads", "rms_norm", "diff_weights",
-        "diff_attention",
-    ),
-}
-_HOME = {name: module for module, names in _MOVED.items() for name in names}
-
-
-def __getattr__(name: str):
-    """A name that moved out of this module, from its new home."""
-    if name in _HOME:
-        return getattr(importlib.import_module(_HOME[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
