@@ -3,6 +3,7 @@
 import json
 import os
 import shlex
+import sys
 import time
 
 from gpam_fairseq.fairseq_glue.tools import run_logged, say
@@ -11,6 +12,13 @@ from gpam_fairseq.fairseq_glue.tools import training_progress as _demo_progress
 
 class RecipeError(RuntimeError):
     """A stage cannot go on; the message names the file, flag or variable at fault."""
+
+
+def stop(line: str):
+    """End the program with ``line`` on stderr and exit status 2, the convention of every command
+    line the project ships (argparse's own errors, the recipes' stages, fairseq's with the plugin)."""
+    print(line, file=sys.stderr, flush=True)
+    sys.exit(2)
 
 
 def env(name: str, default=None):

@@ -31,6 +31,8 @@ import re
 import statistics
 import sys
 
+from gpam_fairseq.recipes.common import stop
+
 METRICS = [  # (run.json key, column title, format)
     ("bleu", "BLEU", "{:.2f}"),
     ("chrf", "chrF", "{:.2f}"),
@@ -370,7 +372,7 @@ def run(argv=None):
         sig_header, sig_rows = significance_rows(runs, baselines, args.bootstrap, args.ar_trials)
         seed_header, seed_table, seed_notes = seed_rows(runs, baselines, args.alpha)
     except CompareError as e:
-        sys.exit(f"compare_runs: {e}")
+        stop(f"compare_runs: {e}")
     print(markdown(header, rows))
     bleu = [r for r in runs if r.get("bleu_signature")]
     if bleu:

@@ -13,11 +13,11 @@ dictionary sizes the table states. tests/test_controls.py checks the READMEs aga
 import argparse
 import logging
 import os
-import sys
 import warnings
 
 from gpam_fairseq.fairseq_glue.tools import REPO_ROOT, say
 from gpam_fairseq.recipes import controls
+from gpam_fairseq.recipes.common import stop
 from gpam_fairseq.recipes.definitions import RECIPES
 
 
@@ -48,7 +48,7 @@ def main(argv=None):
             try:
                 current = controls.readme_table(text)
             except controls.ControlError as e:
-                sys.exit(f"parameter_counts: {path}: {e}")
+                stop(f"parameter_counts: {path}: {e}")
             if current != table:
                 stale.append(path)
                 if args.update:
@@ -56,7 +56,7 @@ def main(argv=None):
                         f.write(controls.replace_readme_table(text, table))
                     say(f"  updated {path}")
     if args.check and stale:
-        sys.exit("parameter_counts: out of date: " + ", ".join(stale) + "; run python scripts/parameter_counts.py --update")
+        stop("parameter_counts: out of date: " + ", ".join(stale) + "; run python scripts/parameter_counts.py --update")
     return stale
 
 

@@ -9,11 +9,11 @@ import sys
 
 from gpam_fairseq.fairseq_glue.tools import REPO_ROOT, say
 from gpam_fairseq.recipes import controls
-from gpam_fairseq.recipes.common import RecipeError
+from gpam_fairseq.recipes.common import RecipeError, stop
 from gpam_fairseq.recipes import registry
 from gpam_fairseq.recipes.sweep.grid import QUICK_MAX_UPDATE, build_cells, cell_status
 from gpam_fairseq.recipes.sweep.report import collect, plot, write_tables
-from gpam_fairseq.recipes.sweep.runners import GridProgress, _worker, run_in_process, run_parallel, run_submitit, stop
+from gpam_fairseq.recipes.sweep.runners import GridProgress, _worker, run_in_process, run_parallel, run_submitit
 
 
 # ----------------------------------------------------------------------------- command line

@@ -12,7 +12,7 @@ import time
 from typing import Dict, List, Optional
 
 from gpam_fairseq.fairseq_glue.tools import REPO_ROOT, say
-from gpam_fairseq.recipes.common import RecipeError
+from gpam_fairseq.recipes.common import RecipeError, stop
 from gpam_fairseq.recipes.sweep.grid import _status_text, run_cell
 
 
@@ -189,13 +189,6 @@ def run_submitit(cells, progress, args, out):
             except Exception as e:  # submitit re-raises the job's exception (FailedJobError, RecipeError)
                 progress.done(cell, None, error=str(e).strip().splitlines()[-1][:300], log=str(job.paths.stdout))
     return True
-
-
-def stop(line: str):
-    """End the program with ``line`` on stderr and exit status 2, the convention of every command
-    line the project ships (argparse's, the recipes' stages)."""
-    print(line, file=sys.stderr, flush=True)
-    sys.exit(2)
 
 
 def _worker(spec_path):
