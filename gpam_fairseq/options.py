@@ -8,7 +8,8 @@ values and returns a frozen :class:`GPAMOptions` that the layers receive explici
 
 The attention types, their help and the options each reads come from the registry of
 :mod:`gpam_fairseq.attention.mechanisms`. :class:`GPAMOptions` and :class:`GPAMConfigError`
-are defined in :mod:`gpam_fairseq.attention.config`, below the mechanisms, and importable from here.
+are defined in :mod:`gpam_fairseq.attention.config`, below the mechanisms; the defaults of the
+options GPAMOptions holds are its field defaults, which :class:`GPAMConfig` reads.
 """
 
 import logging
@@ -19,29 +20,18 @@ from typing import Any, FrozenSet, Set, Tuple
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.utils import safe_getattr
 
-from gpam_fairseq.attention.config import ROLES, GPAMConfigError, GPAMOptions  # re-exported: their public home
+from gpam_fairseq.attention.config import ROLES, GPAMConfigError, GPAMOptions
 from gpam_fairseq.attention.mechanisms import MECHANISMS
 
 logger = logging.getLogger(__name__)
 
 ATTENTION_TYPES = tuple(MECHANISMS)  # registration order: softmax, dagpam, then the alternatives
-# The options whose meaning depends on the attention type: each type declares which of them it
-# reads (Mechanism.options_read); given with a type that does not, they are reported once.
-TYPE_OPTIONS = ("gpam_lambda_pos", "gpam_lambda_neg", "gpam_trainable_lambda", "gpam_lambda_scope",
-                "gpam_neg_query", "gpam_neg_query_init", "gpam_recompute_attention")
+_DEFAULT = GPAMOptions()  # the one declaration of the defaults of the options both hold
 NMT_ROLES = ROLES
 LM_ROLES = ("dec_self",)
 LAMBDA_SCOPES = ("module", "head")
 NEG_QUERY_SHARING = ("shared", "per_head")
 NEG_QUERY_INITS = ("neg_identity", "random")
-
-
-for _mechanism in MECHANISMS.values():
-    if not set(_mechanism.options_read) <= set(TYPE_OPTIONS):
-        raise TypeError(
-            f"{_mechanism.__name__}.options_read: {sorted(set(_mechanism.options_read) - set(TYPE_OPTIONS))} are "
-            f"not among the options that depend on the attention type ({', '.join(TYPE_OPTIONS)})"
-        )
 
 
 def attention_type_help() -> str:
@@ -53,57 +43,57 @@ def attention_type_help() -> str:
 @dataclass
 class GPAMConfig(FairseqDataclass):
     attention_type: ChoiceEnum(ATTENTION_TYPES) = field(
-        default="dagpam",
+        default=_DEFAULT.attention_type,
         metadata={"help": attention_type_help()},
     )
     gpam_lambda_pos: float = field(
-        default=0.2,
+        default=_DEFAULT.lambda_pos,
         metadata={"help": "lambda+ >= 0: weight of the positive map is (1 + lambda+)"},
     )
     gpam_lambda_neg: float = field(
-        default=0.2,
+        default=_DEFAULT.lambda_neg,
         metadata={
             "help": "lambda- >= 0: weight of the negative map; rows of P_G sum to "
             "1 + lambda+ - lambda- and lie in [-lambda-, 1 + lambda+]"
         },
     )
     gpam_trainable_lambda: bool = field(
-        default=False,
+        default=_DEFAULT.trainable_lambda,
         metadata={
             "help": "learn lambda+ and lambda- (lambda = softplus(theta) > 0, theta initialised "
             "so that lambda starts at --gpam-lambda-pos/--gpam-lambda-neg, which must be > 0)"
         },
     )
     gpam_lambda_scope: ChoiceEnum(LAMBDA_SCOPES) = field(
-        default="module",
+        default=_DEFAULT.lambda_scope,
         metadata={
             "help": "with --gpam-trainable-lambda: one (lambda+, lambda-) pair per attention "
             "module, or one pair per head"
         },
     )
     gpam_blocks: str = field(
-        default="enc_self,dec_self,cross",
+        default=",".join(sorted(_DEFAULT.blocks, key=ROLES.index)),
         metadata={
             "help": "comma list of the attention blocks that use --attention-type, from "
             "enc_self, dec_self, cross (language models have only dec_self); the others stay softmax"
         },
     )
     gpam_neg_query: ChoiceEnum(NEG_QUERY_SHARING) = field(
-        default="shared",
+        default=_DEFAULT.neg_query,
         metadata={
             "help": "W_Q- (d_h x d_h) shared by all heads of a module, or one per head "
             "(per_head multiplies the extra parameters by the number of heads)"
         },
     )
     gpam_neg_query_init: ChoiceEnum(NEG_QUERY_INITS) = field(
-        default="neg_identity",
+        default=_DEFAULT.neg_query_init,
         metadata={
             "help": "initial W_Q-: -I (the paper's Lemma 6 picture: the negative map "
             "attends where the positive one does not) or random (Xavier uniform)"
         },
     )
     gpam_recompute_attention: bool = field(
-        default=False,
+        default=_DEFAULT.recompute_attention,
         metadata={
             "help": "keep only the queries, keys and values of each daGPAM attention for the backward "
             "pass and compute its fused attention again there: less activation memory (no stacked "
@@ -127,6 +117,9 @@ class GPAMConfig(FairseqDataclass):
 _OPTIONS = [f for f in fields(GPAMConfig) if not f.name.startswith("_")]  # not fairseq's _name
 FLAG = {f.name: "--" + f.name.replace("_", "-") for f in _OPTIONS}
 DEFAULTS = {f.name: f.default for f in _OPTIONS}
+# The options whose meaning depends on the attention type: those some type declares it reads
+# (Mechanism.options_read); given with a type that does not, they are reported once.
+TYPE_OPTIONS = tuple(name for name in FLAG if any(name in m.options_read for m in MECHANISMS.values()))
 
 
 def _choice(args: Any, name: str, allowed: Tuple[str, ...]) -> str:
@@ -174,14 +167,14 @@ def gpam_options_from_args(args: Any, available_blocks: Tuple[str, ...]) -> GPAM
         attention_type=_choice(args, "attention_type", ATTENTION_TYPES),
         lambda_pos=_non_negative(args, "gpam_lambda_pos"),
         lambda_neg=_non_negative(args, "gpam_lambda_neg"),
-        trainable_lambda=bool(safe_getattr(args, "gpam_trainable_lambda", False)),
+        trainable_lambda=bool(safe_getattr(args, "gpam_trainable_lambda", DEFAULTS["gpam_trainable_lambda"])),
         lambda_scope=_choice(args, "gpam_lambda_scope", LAMBDA_SCOPES),
         blocks=parse_blocks(
             safe_getattr(args, "gpam_blocks", ",".join(available_blocks)), available_blocks
         ),
         neg_query=_choice(args, "gpam_neg_query", NEG_QUERY_SHARING),
         neg_query_init=_choice(args, "gpam_neg_query_init", NEG_QUERY_INITS),
-        recompute_attention=bool(safe_getattr(args, "gpam_recompute_attention", False)),
+        recompute_attention=bool(safe_getattr(args, "gpam_recompute_attention", DEFAULTS["gpam_recompute_attention"])),
     )
     read = set(MECHANISMS[opts.attention_type].options_read)
     if opts.trainable_lambda and "gpam_trainable_lambda" in read:

@@ -104,6 +104,7 @@ def test_register_mechanism_refuses_inconsistent_declarations():
         ({"help": "two\nlines"}, "help"),
         ({"fp32_parameters": ("gain",)}, "fp32_parameters"),
         ({"has_negative_map": True}, "has_negative_map"),
+        ({"options_read": ("gpam_lambda_pos", "gpam_no_such_option")}, "options_read"),
     ):
         with pytest.raises(TypeError, match=problem):
             register_mechanism(declared(**attrs))

@@ -155,3 +155,28 @@ def test_language_model_reports_too(reports):
                                                  "--gpam-trainable-lambda", "--gpam-lambda-scope", "head"])
     assert reports() == ["--attention-type nap does not read --gpam-trainable-lambda, --gpam-lambda-scope (set away "
                          "from their defaults; read by dagpam): they have no effect"]
+
+
+# ----------------------------------------------------------------------------- parsed once
+
+
+@pytest.mark.parametrize("kind", ["translation", "language_model"])
+def test_options_are_parsed_once_per_model_build(kind, monkeypatch):
+    """The encoder, the decoder and every layer get the options that build_model parsed."""
+    from gpam_fairseq import options
+    from gpam_fairseq.models import transformer_gpam, transformer_lm_gpam
+
+    calls = []
+
+    def counted(args, available_blocks):
+        calls.append(available_blocks)
+        return options.gpam_options_from_args(args, available_blocks)
+
+    for module in (transformer_gpam, transformer_lm_gpam):
+        monkeypatch.setattr(module, "gpam_options_from_args", counted)
+    flags = ["--gpam-lambda-pos", "0.3"]
+    model = (build_translation_model("transformer_gpam_iwslt_de_en", SMALL + flags, 50, 50) if kind == "translation"
+             else build_language_model("transformer_lm_gpam", ["--decoder-layers", "2", *flags]))
+    assert len(calls) == 1
+    layers = [*getattr(getattr(model, "encoder", None), "layers", []), *model.decoder.layers]
+    assert layers and all(layer.self_attn.mechanism.lambdas() == (0.3, 0.2) for layer in layers)

@@ -76,7 +76,7 @@ def test_gpam_debug_brings_the_traceback_back(results, program):
     proc = results[program, True]
     assert proc.returncode == 1, describe(proc)
     assert "Traceback (most recent call last)" in proc.stderr, describe(proc)
-    assert f"gpam_fairseq.options.GPAMConfigError: {MESSAGE}" in proc.stderr, describe(proc)
+    assert f"gpam_fairseq.attention.config.GPAMConfigError: {MESSAGE}" in proc.stderr, describe(proc)
     assert f"error: {MESSAGE}" not in proc.stderr
 
 

@@ -3,10 +3,11 @@
 Below both the mechanisms (which read these options) and :mod:`gpam_fairseq.options` (which
 declares the flags, reads the mechanism registry and builds a :class:`GPAMOptions`), so that
 neither imports the other's module. No fairseq here: the attention package imports nothing
-above itself. ``gpam_fairseq.options`` re-exports both names, their documented home.
+above itself. :mod:`gpam_fairseq.options` raises the one and builds the other, and imports both
+from here.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import FrozenSet
 
 ROLES = ("enc_self", "dec_self", "cross")
@@ -14,9 +15,6 @@ ROLES = ("enc_self", "dec_self", "cross")
 
 class GPAMConfigError(ValueError):
     """A GPAM option has a value we refuse; the message is one line naming the flag."""
-
-    # the name tracebacks print (``gpam_fairseq.options.GPAMConfigError: ...``) and users import
-    __module__ = "gpam_fairseq.options"
 
 
 @dataclass(frozen=True)
@@ -36,3 +34,7 @@ class GPAMOptions:
     def type_for(self, role: str) -> str:
         """The attention type of a block: --attention-type if listed in --gpam-blocks."""
         return self.attention_type if role in self.blocks else "softmax"
+
+
+# the flag names of the options GPAMOptions holds (gpam_lambda_pos, ...), as mechanisms declare what they read
+OPTION_NAMES = tuple(f.name if f.name == "attention_type" else "gpam_" + f.name for f in fields(GPAMOptions))

@@ -18,8 +18,9 @@ attention types. Adding one takes its math as a function in alternatives.py and 
     fp32_parameters    those of them that stay fp32 after model.half() (Mechanism._apply)
     has_negative_map   whether the daGPAM scalars are logged for it (attention/stats.py, which
                        reads its ``lambdas()`` and ``w_q_neg``)
-    options_read       the options that depend on the type (options.TYPE_OPTIONS) it reads;
-                       the others, given with this type, are reported as having no effect
+    options_read       the GPAM options it reads, by flag name (gpam_lambda_pos, ...: the fields of
+                       GPAMOptions); options.TYPE_OPTIONS is what the types read together, and
+                       those given with a type that does not read them are reported as having no effect
 
 The --attention-type choices and help, fine-tuning, half precision, the scalars and that
 report all read the registry; tests/test_mechanism_registry.py checks every declaration of
@@ -36,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gpam_fairseq.attention import alternatives, functional, masks, paths
-from gpam_fairseq.attention.config import GPAMConfigError, GPAMOptions
+from gpam_fairseq.attention.config import OPTION_NAMES, GPAMConfigError, GPAMOptions
 
 
 class Mechanism(nn.Module):
@@ -106,6 +107,9 @@ def register_mechanism(cls: Type[Mechanism]) -> Type[Mechanism]:
         raise TypeError(
             f"{where}: has_negative_map needs w_q_neg among new_parameters and a lambdas() method (the scalars read both)"
         )
+    unknown = [name for name in cls.options_read if name not in OPTION_NAMES]
+    if unknown:
+        raise TypeError(f"{where}: options_read {unknown} are not GPAM options; choose from {', '.join(OPTION_NAMES)}")
     MECHANISMS[cls.name] = cls
     return cls
 

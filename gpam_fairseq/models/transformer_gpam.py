@@ -8,6 +8,8 @@ stock Transformer, computed by the same code, for baselines.
 """
 
 import argparse
+from contextvars import ContextVar
+from typing import Optional
 
 from fairseq.dataclass.utils import gen_parser_from_dataclass
 from fairseq.models import register_model, register_model_architecture
@@ -16,6 +18,7 @@ from fairseq.models.transformer import transformer_legacy as stock
 from omegaconf import OmegaConf
 
 from gpam_fairseq.attention import stats as gpam_stats
+from gpam_fairseq.attention.config import GPAMOptions
 from gpam_fairseq.checkpointing.checkpoints import CheckedHubLoading
 from gpam_fairseq.fairseq_glue.compat import refuse_fully_sharded_without_cuda
 from gpam_fairseq.checkpointing.finetune import add_missing_mechanism_parameters
@@ -27,6 +30,10 @@ from gpam_fairseq.options import (
     gpam_options_from_args,
     set_gpam_defaults,
 )
+
+# The options build_model has parsed, for the build_encoder/build_decoder calls fairseq's
+# builder makes inside it (they receive a TransformerConfig, not the options)
+_BUILDING: ContextVar[Optional[GPAMOptions]] = ContextVar("gpam_options_being_built", default=None)
 
 
 @register_model("transformer_gpam")
@@ -48,7 +55,7 @@ class TransformerGPAMModel(CheckedHubLoading, TransformerModel):
             # a Namespace, exactly as fairseq-train does
             args = argparse.Namespace(**OmegaConf.to_container(args, resolve=True))
         set_gpam_defaults(args, NMT_ROLES)
-        gpam_options_from_args(args, NMT_ROLES)  # fail early, with the flag's name
+        gpam = gpam_options_from_args(args, NMT_ROLES)  # once per model, and early: errors name the flag
         refuse_fully_sharded_without_cuda()
         for side in ("encoder", "decoder"):
             if getattr(args, f"{side}_xformers_att_config", None):
@@ -56,7 +63,11 @@ class TransformerGPAMModel(CheckedHubLoading, TransformerModel):
                     f"--{side}-xformers-att-config: not supported by transformer_gpam "
                     "(its attention runs through torch scaled_dot_product_attention); drop the flag"
                 )
-        model = super().build_model(args, task)
+        building = _BUILDING.set(gpam)
+        try:
+            model = super().build_model(args, task)
+        finally:
+            _BUILDING.reset(building)
         gpam_stats.attach(model, args)  # daGPAM scalars in the logs and tensorboard
         return model
 
@@ -64,10 +75,16 @@ class TransformerGPAMModel(CheckedHubLoading, TransformerModel):
         super().set_num_updates(num_updates)
         gpam_stats.set_num_updates(self, num_updates)
 
+    @staticmethod
+    def _options(cfg) -> GPAMOptions:
+        """The options build_model parsed; read from ``cfg`` where build_encoder/build_decoder
+        are called on their own."""
+        return _BUILDING.get() or gpam_options_from_args(cfg, NMT_ROLES)
+
     @classmethod
     def build_encoder(cls, cfg, src_dict, embed_tokens):
         cfg = TransformerConfig.from_namespace(cfg)
-        return GPAMTransformerEncoder(cfg, src_dict, embed_tokens, gpam_options_from_args(cfg, NMT_ROLES))
+        return GPAMTransformerEncoder(cfg, src_dict, embed_tokens, cls._options(cfg))
 
     @classmethod
     def build_decoder(cls, cfg, tgt_dict, embed_tokens):
@@ -76,7 +93,7 @@ class TransformerGPAMModel(CheckedHubLoading, TransformerModel):
             cfg,
             tgt_dict,
             embed_tokens,
-            gpam_options_from_args(cfg, NMT_ROLES),
+            cls._options(cfg),
             no_encoder_attn=cfg.no_cross_attention,
         )
 
