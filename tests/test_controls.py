@@ -11,6 +11,7 @@ import re
 import pytest
 
 from gpam_fairseq.recipes import controls
+from gpam_fairseq.recipes.matched_controls import model_args
 from gpam_fairseq.recipes.definitions import RECIPES
 from helpers import REPO
 
@@ -56,7 +57,7 @@ def test_command_lines_differ_only_where_they_should(name, size):
     cmds = {m: [c.replace(f"/{m}_{size}", "/MODEL_") for c in cmd] for m, cmd in raw.items()}
     base = cmds["baseline"]
     stacks = ["encoder", "decoder"] if recipe.task == "translation" else ["decoder"]
-    stock = controls._model_args(tuple(base[2:]))
+    stock = model_args(tuple(base[2:]))
     # baseline_params: the baseline's line, then one wider FFN per stack, nothing else
     tail = _tail(cmds["baseline_params"], base)
     assert tail[::2] == [f"--{s}-ffn-embed-dim" for s in stacks]
@@ -64,7 +65,7 @@ def test_command_lines_differ_only_where_they_should(name, size):
     # baseline_maps: the baseline's line, then twice the heads per stack (head dimension still an integer)
     tail = _tail(cmds["baseline_maps"], base)
     assert tail[::2] == [f"--{s}-attention-heads" for s in stacks]
-    maps = controls._model_args(tuple(cmds["baseline_maps"][2:]))
+    maps = model_args(tuple(cmds["baseline_maps"][2:]))
     for s in stacks:
         assert getattr(maps, f"{s}_attention_heads") == 2 * getattr(stock, f"{s}_attention_heads")
         assert getattr(maps, f"{s}_embed_dim") == getattr(stock, f"{s}_embed_dim")

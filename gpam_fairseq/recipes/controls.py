@@ -3,17 +3,15 @@ builds it), the model fairseq builds for it (on the meta device) and its paramet
 parameter tables of examples/*/README.md.
 
 The controls themselves (what MODEL=baseline_params and MODEL=baseline_maps change, and
-ControlError) are :mod:`gpam_fairseq.recipes.matched_controls`, below the recipes' stages; their
-names are re-exported here, where they have always been imported from.
+ControlError) are :mod:`gpam_fairseq.recipes.matched_controls`, below the recipes' stages.
 """
 
 import contextlib
 import os
 from typing import Dict, List, Sequence
 
-from gpam_fairseq.recipes.matched_controls import (  # noqa: F401  (re-exported)
-    BASELINES, CONTROLS, DICTIONARIES, DICTIONARY_NOTE, ControlError, _ffn_stacks, _model_args, _ModelArgs,
-    control_flags, describe, doubled_heads, matched_ffn, mechanism_parameters)
+from gpam_fairseq.recipes.matched_controls import DICTIONARIES, ControlError, ffn_stacks
+from gpam_fairseq.recipes.matched_controls import BASELINES, CONTROLS, DICTIONARY_NOTE  # noqa: F401  (sweep/, parameter_counts)
 
 
 # ----------------------------------------------------------------------------- parameter tables
@@ -89,7 +87,7 @@ def parameter_table(recipe) -> str:
     lines = ["| SIZE | baseline | baseline_maps | baseline_params | gpam (daGPAM) | baseline_params − gpam | "
              "gpam − baseline | flags of the controls |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
-    n = 2 * len(_ffn_stacks(recipe.task))  # the controls' flags: the last n words of their command lines
+    n = 2 * len(ffn_stacks(recipe.task))  # the controls' flags: the last n words of their command lines
     for size in recipe.sizes:
         counts, cmds = parameter_counts(recipe, size)
         b, p, g = counts["baseline"], counts["baseline_params"], counts["gpam"]

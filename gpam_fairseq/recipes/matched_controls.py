@@ -90,7 +90,8 @@ def mechanism_parameters(gpam_args, task: str) -> int:
     return total
 
 
-def _ffn_stacks(task: str) -> List[str]:
+def ffn_stacks(task: str) -> List[str]:
+    """The stacks of a task's models: encoder and decoder for translation, the decoder otherwise."""
     return ["encoder", "decoder"] if task == "translation" else ["decoder"]
 
 
@@ -98,7 +99,7 @@ def matched_ffn(stock_args, gpam_args, task: str) -> Dict:
     """The FFN widths that give the stock model of ``stock_args`` the parameters of the daGPAM
     model of ``gpam_args``: every FFN widened by the same k units."""
     extra = mechanism_parameters(gpam_args, task)
-    stacks = _ffn_stacks(task)
+    stacks = ffn_stacks(task)
     # one more FFN unit in every layer of a stack: fc1 gains a row (d) and a bias, fc2 a column (d)
     unit = sum(getattr(stock_args, f"{s}_layers") * (2 * getattr(stock_args, f"{s}_embed_dim") + 1) for s in stacks)
     k = int(round(extra / unit))
@@ -111,7 +112,7 @@ def doubled_heads(stock_args, task: str) -> Dict:
     """Twice the attention heads of every stack at the same width; refuses a width the doubled
     number of heads does not divide."""
     out = {}
-    for s in _ffn_stacks(task):
+    for s in ffn_stacks(task):
         heads, dim = getattr(stock_args, f"{s}_attention_heads"), getattr(stock_args, f"{s}_embed_dim")
         if dim % (2 * heads):
             raise ControlError(
@@ -142,7 +143,7 @@ class _ModelArgs:
 
 
 @functools.lru_cache(maxsize=64)
-def _model_args(cli: Tuple[str, ...]):
+def model_args(cli: Tuple[str, ...]):
     """fairseq's argparse parsing of a training command line (argparse only: the omegaconf
     conversion, ~1 s, is not needed for sizes); cached, read only."""
     from fairseq import options
@@ -160,9 +161,9 @@ def _model_args(cli: Tuple[str, ...]):
 def control_flags(model: str, stock_cli: Sequence[str], gpam_cli: Sequence[str], task: str):
     """(flags to append to the stock command line, what they do) for one control. The command
     lines are fairseq-train's arguments without the data folder."""
-    stock = _model_args(tuple(stock_cli))
+    stock = model_args(tuple(stock_cli))
     if model == "baseline_params":
-        gpam = _model_args(tuple(gpam_cli))
+        gpam = model_args(tuple(gpam_cli))
         match = matched_ffn(stock, gpam, task)
         flags = []
         for s, width in match["ffn_to"].items():

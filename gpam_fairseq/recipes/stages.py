@@ -26,7 +26,7 @@ import sys
 
 from gpam_fairseq.fairseq_glue.tools import (REPO_ROOT, USER_DIR, fairseq_cli, log_records, parse_training_log,
                                          read_generate_output, say)
-from gpam_fairseq.recipes import matched_controls as controls  # below stages (controls.py imports stages)
+from gpam_fairseq.recipes import matched_controls  # below stages (controls.py imports stages)
 from gpam_fairseq.recipes.common import (RecipeError, env, env_args, env_int, has_finished, is_done, last_flag, mark_done,
                                          run_cli, training_progress)
 from gpam_fairseq.recipes import own_corpus, registry
@@ -48,7 +48,7 @@ class Settings:
         self.ln = self._choice("LN", ("post", "pre")) if r.task == "translation" else None
         self.model = env("MODEL", "gpam")
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.model):
-            raise RecipeError(f"MODEL={self.model!r}: use {', '.join(controls.BASELINES)}, gpam or an --attention-type value")
+            raise RecipeError(f"MODEL={self.model!r}: use {', '.join(matched_controls.BASELINES)}, gpam or an --attention-type value")
         self.seed = env_int("SEED", 1)
         sub = [r.name] + ([self.setup] if self.setup else []) + ([r.data_subdir] if r.data_subdir else [])
         self.data_dir = os.path.abspath(env("DATA_DIR", os.path.join(REPO_ROOT, "data", *sub)))
@@ -70,7 +70,7 @@ class Settings:
     @property
     def is_baseline(self):
         """The stock fairseq architecture: MODEL=baseline and its matched controls."""
-        return self.model in controls.BASELINES
+        return self.model in matched_controls.BASELINES
 
     @property
     def attention_type(self):
@@ -78,7 +78,7 @@ class Settings:
 
     def model_args(self, model=None):
         model = model or self.model
-        if model in controls.BASELINES:
+        if model in matched_controls.BASELINES:
             return list(self.size.baseline)  # the stock fairseq architecture
         attention = "dagpam" if model == "gpam" else model
         return [*self.size.gpam, "--attention-type", attention]
@@ -200,16 +200,16 @@ def train_command(s, with_info=False):
                 "--max-update", str(env_int("MAX_UPDATE", size.max_update)),
                 "--save-dir", s.save_dir, "--tensorboard-logdir", os.path.join(s.run_dir, "tensorboard"),
                 "--log-format", "json", "--log-interval", "100", *env_args("EXTRA_ARGS")]
-        if model not in controls.BASELINES:
+        if model not in matched_controls.BASELINES:
             cmd += env_args("GPAM_ARGS")
         return cmd
 
     cmd, info = command(s.model), None
-    if s.model in controls.CONTROLS:
+    if s.model in matched_controls.CONTROLS:
         # computed from the full command lines (EXTRA_ARGS and GPAM_ARGS included), appended last
         try:
-            flags, info = controls.control_flags(s.model, cmd[2:], command("gpam")[2:], s.recipe.task)
-        except controls.ControlError as e:
+            flags, info = matched_controls.control_flags(s.model, cmd[2:], command("gpam")[2:], s.recipe.task)
+        except matched_controls.ControlError as e:
             raise RecipeError(str(e)) from None
         cmd += flags
     return (cmd, gpus, update_freq, info) if with_info else (cmd, gpus, update_freq)
@@ -225,7 +225,7 @@ def stage_train(s, argv):
     cmd, gpus, update_freq, control = train_command(s, with_info=True)
     say(f"[train] {s.run_name}: MODEL={s.model} (attention {s.attention_type}), size {s.size_name}, seed {s.seed}")
     if control:
-        say(f"  {s.model}: {controls.describe(s.model, control)}")
+        say(f"  {s.model}: {matched_controls.describe(s.model, control)}")
     say(f"  effective batch: {s.size.gpu_steps} GPU-steps per update in the official recipe; {max(gpus, 1)} "
         f"{'GPU' if gpus else 'CPU process'}(s) x --update-freq {update_freq} = {max(gpus, 1) * update_freq}")
     os.makedirs(s.run_dir, exist_ok=True)
