@@ -30,8 +30,8 @@ import shutil
 import sys
 import time
 
-from gpam_fairseq.fairseq_glue.tools import (  # noqa: F401  (log_records: scripts/benchmark_fairseq_train.py imports it from here)
-    USER_DIR, fairseq_cli, log_records, parse_training_log, read_generate_output, run_logged, say, training_progress)
+from gpam_fairseq.fairseq_glue.tools import (
+    USER_DIR, fairseq_cli, parse_training_log, read_generate_output, run_logged, say, training_progress)
 from gpam_fairseq.recipes.synthetic_corpus import SRC_LANG, TGT_LANG, write_corpus
 
 HERE = os.path.dirname(os.path.abspath(__file__))

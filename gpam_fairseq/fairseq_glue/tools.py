@@ -6,7 +6,8 @@ the scripts in ``scripts/`` and the tests share, in one place:
 * running a fairseq console script with its output in a log file and chosen lines shown as
   progress (:func:`fairseq_cli`, :func:`run_logged`, :func:`training_progress`, :func:`say`);
 * reading what it wrote: the statistics of ``--log-format json`` lines (:func:`log_records`,
-  :func:`parse_training_log`) and fairseq-generate's hypotheses (:func:`read_generate_output`);
+  :func:`parse_training_log`), fairseq-generate's hypotheses (:func:`read_generate_output`) and
+  fairseq-eval-lm's loss and perplexity (:func:`read_eval_lm_output`);
 * building the model fairseq-train would build for a command line, with dictionaries of a
   given size instead of a data folder (:func:`parse_training_args`, :func:`task_without_data`,
   :func:`build_translation_model`, :func:`build_language_model`).
@@ -117,6 +118,12 @@ def read_generate_output(text: str) -> Tuple[List[str], List[str]]:
     if sorted(hyps) != ids:
         raise RuntimeError(f"fairseq-generate returned {len(hyps)} hypotheses for {len(ids)} references")
     return [hyps[i] for i in ids], [refs[i] for i in ids]
+
+
+def read_eval_lm_output(text: str) -> Tuple[Optional[float], Optional[float]]:
+    """fairseq-eval-lm's (loss in base 2, perplexity); (None, None) without its result line."""
+    m = re.search(r"Loss \(base 2\): ([\d.]+), Perplexity: ([\d.]+)", text)
+    return (float(m.group(1)), float(m.group(2))) if m else (None, None)
 
 
 # ----------------------------------------------------------------------------- models without data

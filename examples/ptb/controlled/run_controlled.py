@@ -27,21 +27,17 @@ model and budget to a CPU-sized run (minutes); --quick to a smoke test of the wh
 
 import argparse
 import csv
-import json
 import logging
 import math
 import os
 import random
-import re
-import subprocess
 import sys
 import time
 
-from gpam_fairseq.fairseq_glue.tools import USER_DIR, fairseq_cli
+from gpam_fairseq.fairseq_glue.tools import (
+    USER_DIR, fairseq_cli, log_records, parse_training_log, read_eval_lm_output, run_logged)
 from gpam_fairseq.options import ATTENTION_TYPES
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(HERE)))
 ALL_TYPES = ",".join(ATTENTION_TYPES)  # every registered --attention-type
 
 # The model is the PTB recipe's transformer_lm_gpam_ptb (15 layers, Pre-LN; examples/ptb/) in
@@ -60,14 +56,13 @@ SYNTHETIC_SENTENCES = {"full": (4000, 300, 300), "small": (4000, 300, 300), "qui
 
 
 def run(cmd, log_path):
-    """Run a fairseq command, teeing its output to log_path; stop with its tail on failure."""
+    """Run a fairseq command, its output into log_path; stop with its tail on failure.
+    Returns (the output, seconds)."""
     t0 = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
-    with open(log_path, "w") as f:
-        f.write(proc.stdout + proc.stderr)
-    if proc.returncode != 0:
-        sys.exit(f"{os.path.basename(cmd[0])} failed ({proc.returncode}), see {log_path}:\n{proc.stderr[-3000:]}")
-    return proc.stdout + proc.stderr, time.time() - t0
+    code, output = run_logged(cmd, log_path)
+    if code != 0:
+        sys.exit(f"{os.path.basename(cmd[0])} failed ({code}), see {log_path}:\n{output[-3000:]}")
+    return output, time.time() - t0
 
 
 # ----------------------------------------------------------------------------- synthetic data
@@ -126,16 +121,6 @@ def train_flags(size, seed):
         "--sample-break-mode", "none", "--max-tokens", str(s["max_tokens"]), "--max-update", str(s["max_update"]),
         "--seed", str(seed), "--no-epoch-checkpoints", "--log-format", "json", "--log-interval", "10",
     ]
-
-
-def parse_params(log):
-    m = re.search(r"num\. (?:shared )?model params: ([\d,]+)", log)
-    return int(m.group(1).replace(",", "")) if m else None
-
-
-def parse_ppl(log):
-    m = re.search(r"Loss \(base 2\): ([\d.]+), Perplexity: ([\d.]+)", log)
-    return (float(m.group(1)), float(m.group(2))) if m else (None, None)
 
 
 def main(argv=None):
@@ -213,11 +198,12 @@ def main(argv=None):
                                "--gen-subset", "test", "--tokens-per-sample", str(size["tokens_per_sample"]),
                                "--context-window", str(size["tokens_per_sample"] // 2), "--batch-size", "8"],
                               eval_log_path)
-        walls = re.findall(r'"train_wall": "([\d.]+)"', log)  # fairseq's training time, fresh or reused
-        train_s = float(walls[-1]) if walls else train_s
-        loss2, ppl = parse_ppl(eval_log)
-        valid = [json.loads(l.split("|")[-1].strip()) for l in log.splitlines() if "| valid |" in l and "{" in l]
-        results.append(dict(attention_type=t, parameters=parse_params(log), test_ppl=ppl, test_loss_base2=loss2,
+        epochs = log_records(log.splitlines(), "train")  # fairseq's training time, fresh or reused
+        train_s = float(epochs[-1]["train_wall"]) if epochs else train_s
+        loss2, ppl = read_eval_lm_output(eval_log)
+        valid = log_records(log.splitlines(), "valid")
+        results.append(dict(attention_type=t, parameters=parse_training_log(log)["params"], test_ppl=ppl,
+                            test_loss_base2=loss2,
                             valid_ppl=float(valid[-1]["valid_ppl"]) if valid else None, train_seconds=round(train_s, 1)))
         checkpoints.append(ckpt)
         print(f"|     {t}: test perplexity {ppl}", flush=True)
