@@ -4,7 +4,7 @@ Each model size lists the stock fairseq architecture (MODEL=baseline) and our eq
 one (MODEL=gpam, or MODEL=<any --attention-type value>); everything else on the command line
 is shared, so baseline and daGPAM runs differ only in the attention. The controls
 MODEL=baseline_params / baseline_maps are the stock architecture with flags computed from it
-(gpam_fairseq/recipes/controls.py).
+(gpam_fairseq/recipes/matched_controls.py).
 """
 
 from dataclasses import dataclass, field
