@@ -349,18 +349,20 @@ def test_set_size(s):
     binarised test set, read from data-bin: what the evaluation must have scored."""
     from fairseq.data import indexed_dataset
 
-    if s.recipe.task == "translation":
-        src, tgt = s.direction.split("-")
-        # one data-bin serves both directions: fairseq also reads test.tgt-src.src
-        prefixes = [os.path.join(s.data_bin, f"test.{a}-{b}.{src}") for a, b in ((src, tgt), (tgt, src))]
-    else:
-        prefixes = [os.path.join(s.data_bin, "test")]
-    for prefix in prefixes:
+    from gpam_fairseq.fairseq_glue.evaluation import subset_size
+
+    try:
+        if s.recipe.task == "translation":
+            return subset_size(s.data_bin, "test", lang=s.direction.split("-")[0])
+        prefix = os.path.join(s.data_bin, "test")
         impl = indexed_dataset.infer_dataset_impl(prefix)
-        dataset = indexed_dataset.make_dataset(prefix, impl) if impl else None
-        if dataset is not None:
-            return len(dataset) if s.recipe.task == "translation" else int(dataset.sizes.sum())
-    raise RecipeError(f"no binarised test set at {prefixes[0]}: run {s.recipe.name}/preprocess.py (same DATA_DIR)")
+        if impl is None:
+            raise FileNotFoundError(prefix)
+        dataset = indexed_dataset.make_dataset(prefix, impl)  # kept alive: its sizes are a view of its mmap
+        return int(dataset.sizes.sum())
+    except (FileNotFoundError, ValueError) as e:
+        raise RecipeError(f"{s.data_bin}: cannot count the test set ({e}): run {s.recipe.name}/preprocess.py again "
+                          f"(same DATA_DIR)") from None
 
 
 def check_all_scored(s, scored, what, log_path):
