@@ -13,27 +13,30 @@
 # (tests/test_gpu_session.py runs it in `make test`). No nvidia-smi is needed for it.
 #
 # Steps, most important first, each under its own time limit and all under SECONDS; a step that
-# runs out of time is stopped (reported in summary.log as not measured) and the next one runs.
-# Planned limits of the real session (the first six add up to 520 s of the 540, 20 s for the header):
-#   1. cuda_tests          45 s  the CUDA tests: fast paths against the float64 reference, the
-#                                causal path, fully masked rows, no host syncs, --ddp-backend
-#                                fully_sharded (on a CPU they skip, each with its reason)
-#   2. fairseq_train_bf16 230 s  real fairseq-train --bf16, stock against daGPAM, IWSLT and LM-512,
-#                                three interleaved rounds of 60 updates: steady-state words/s and
-#                                peak memory, with their spread (the quotable training figures)
-#   3. gpu_checks          80 s  scripts/gpu_checks.py: DDP on two ranks, fp16 loss scaling,
-#                                autocast, --bf16 (on a CPU: "skipped: no CUDA")
-#   4. benchmark_models    45 s  scripts/benchmark.py, whole training step (time, peak memory) and
-#                                beam search, bf16
-#   5. benchmark_modules   30 s  scripts/benchmark.py, attention core and module, bf16
-#   6. fairseq_train_fp16  90 s  the fairseq-train comparison in fp16, one round (no spread: a check
-#                                that fp16 trains at a comparable speed, not a figure to quote)
-#   7. fairseq_train_wmt   90 s  WMT-big in fp16, one round: beyond the 540 s plan, it runs only when
-#                                the steps above end early or SECONDS is larger
-# Re-planned on 2026-12-03 for the bf16 step: on an H100 (2026-11-27) one IWSLT fairseq-train run
-# of 200 updates took 51 s and an LM-512 one 19 s, start-up included, so three rounds of both pairs
-# fit 230 s only at 60 updates (the first 20 dropped as warm-up); fp16 fell to one round and WMT-big
-# past the plan. These limits are estimates from that session: no GPU was lent since.
+# runs out of time is stopped (reported in summary.log as not measured; the fairseq-train steps
+# keep the rounds they finished) and the next one runs.
+# Planned limits of the real session (the first four add up to 515 s of the 540, 20 s for the header):
+#   1. cuda_tests              40 s  the CUDA tests: fast paths against the float64 reference, the
+#                                    causal path, fully masked rows, no host syncs, --ddp-backend
+#                                    fully_sharded (on a CPU they skip, each with its reason)
+#   2. fairseq_train_bf16     150 s  real fairseq-train --bf16, stock against daGPAM, IWSLT and LM-512,
+#                                    two interleaved rounds of 40 updates: steady-state words/s and
+#                                    peak CUDA memory over the whole run, with their spread
+#   3. fairseq_train_fp16     150 s  the same in fp16 (--fp16)
+#   4. fairseq_train_wmt_bf16 175 s  the same for WMT-big in bf16
+#   -- beyond the 540 s plan, run only when the steps above end early or SECONDS is larger:
+#   5. fairseq_train_wmt_fp16 175 s  WMT-big in fp16
+#   6. gpu_checks              80 s  scripts/gpu_checks.py: DDP on two ranks, fp16 loss scaling,
+#                                    autocast, --bf16 (on a CPU: "skipped: no CUDA")
+#   7. benchmark_models        45 s  scripts/benchmark.py, whole training step (time, peak memory) and
+#                                    beam search, bf16
+#   8. benchmark_modules       30 s  scripts/benchmark.py, attention core and module, bf16
+# Re-planned on 2026-12-08 so that peak memory and words/s of real fairseq-train runs come first,
+# for the three pairs and both half precisions, each with a spread (two rounds). The limits are
+# estimates from the 2026-11-27 H100 session (one IWSLT fairseq-train run of 200 updates took 51 s,
+# an LM-512 one of 100 updates 19 s, start-up included): about 22 s for an IWSLT run of 40 updates,
+# 15 s for LM-512, 43 s for WMT-big (about four times IWSLT's arithmetic per update). No GPU was
+# lent since; the first session will tell.
 #
 # Every step's output lands in OUT_DIR/<step>.log and its tables under OUT_DIR/results/; the
 # summary ends with one line per step and the failed ones named. Exit status: 0 when every step
@@ -66,9 +69,10 @@ export PYTHONUNBUFFERED=1
 if [[ $mode == real ]]; then
   budget=${2:-540}
   device=(--device cuda)
-  train_size=(--updates 60 --discard-updates 20 --log-interval 10 --workers 8)
+  train_size=(--updates 40 --discard-updates 10 --log-interval 10 --workers 8)
   half=fp16
-  rounds=3
+  rounds=2                          # every fairseq-train comparison: the fewest that give a spread
+  rounds_more=2
   bench_size=()
   checks_timeout=40
   train_data=/tmp/gpam_fairseq_train_data
@@ -77,7 +81,8 @@ else
   device=(--device cpu)
   train_size=(--quick --workers 1)  # tiny models, 6 updates, records every 2, the first 2 dropped
   half=memory-efficient-fp16        # fairseq's --fp16 needs CUDA; this is its CPU-capable sibling
-  rounds=2                          # the fewest that still gives a spread
+  rounds=2                          # the first comparison with a spread, as in the real session
+  rounds_more=1                     # the others once each: the same code, fewer seconds of make test
   bench_size=(--quick)
   checks_timeout=40
   train_data=$out/train_data       # never the real session's corpus folder
@@ -123,23 +128,26 @@ step() {  # step NAME REAL_LIMIT REHEARSAL_LIMIT COMMAND...
 
 steps() {
   # the tests that need CUDA; "without_cuda" ones are CPU tests (make test runs them; here they skip on a GPU)
-  step cuda_tests 45 600 $py -m pytest -q -rs -p no:cacheprovider -k "(cuda or gpu) and not without_cuda" \
+  step cuda_tests 40 600 $py -m pytest -q -rs -p no:cacheprovider -k "(cuda or gpu) and not without_cuda" \
     --junitxml "$out/results/cuda_tests.xml" tests/test_fast_paths.py tests/test_gpu_checks.py \
     tests/test_training_options.py
-  step fairseq_train_bf16 230 900 $py scripts/benchmark_fairseq_train.py "${device[@]}" --precision bf16 \
+  step fairseq_train_bf16 150 900 $py scripts/benchmark_fairseq_train.py "${device[@]}" --precision bf16 \
     --pairs iwslt,lm512 --rounds $rounds "${train_size[@]}" --work-dir "$train_data" \
     --out-dir "$out/results/fairseq_train_bf16"
+  step fairseq_train_fp16 150 600 $py scripts/benchmark_fairseq_train.py "${device[@]}" --precision $half \
+    --pairs iwslt,lm512 --rounds $rounds_more "${train_size[@]}" --work-dir "$train_data" \
+    --out-dir "$out/results/fairseq_train_fp16"
+  step fairseq_train_wmt_bf16 175 300 $py scripts/benchmark_fairseq_train.py "${device[@]}" --precision bf16 \
+    --pairs wmt_big --rounds $rounds_more "${train_size[@]}" --work-dir "$train_data" \
+    --out-dir "$out/results/fairseq_train_wmt_bf16"
+  step fairseq_train_wmt_fp16 175 300 $py scripts/benchmark_fairseq_train.py "${device[@]}" --precision $half \
+    --pairs wmt_big --rounds $rounds_more "${train_size[@]}" --work-dir "$train_data" \
+    --out-dir "$out/results/fairseq_train_wmt_fp16"
   step gpu_checks 80 120 $py scripts/gpu_checks.py --out "$out/results/gpu_checks" --timeout $checks_timeout
-  step benchmark_models 45 600 $py scripts/benchmark.py "${device[@]}" "${bench_size[@]}" --dtypes bf16 \
+  step benchmark_models 45 300 $py scripts/benchmark.py "${device[@]}" "${bench_size[@]}" --dtypes bf16 \
     --levels train,beam --shapes iwslt,wmt_big,lm512 --types softmax,dagpam --out-dir "$out/results/benchmark_models"
   step benchmark_modules 30 300 $py scripts/benchmark.py "${device[@]}" "${bench_size[@]}" --dtypes bf16 \
     --levels core,attention --out-dir "$out/results/benchmark_modules"
-  step fairseq_train_fp16 90 600 $py scripts/benchmark_fairseq_train.py "${device[@]}" --precision $half \
-    --pairs iwslt,lm512 --rounds 1 "${train_size[@]}" --work-dir "$train_data" \
-    --out-dir "$out/results/fairseq_train_fp16"
-  step fairseq_train_wmt 90 300 $py scripts/benchmark_fairseq_train.py "${device[@]}" --precision $half \
-    --pairs wmt_big --rounds 1 "${train_size[@]}" --work-dir "$train_data" \
-    --out-dir "$out/results/fairseq_train_wmt"
 }
 
 plan_line() {

@@ -451,22 +451,18 @@ def fused_dagpam(
     attention) q's storage would be kept for the rebuild alone, and the stacked tensor is kept.
     """
     rebuild_queries = rebuildable and shares_storage(q, k)
-    rebuilt = recomputed_instead_of_saved() if rebuild_queries else nullcontext()
-    # fairseq's future mask without padding: no mask tensor, is_causal (FlashAttention's path);
-    # heads 2h, 2h+1 hold Q+, Q- of head h, and grouped-query attention reads K, V head h for both
-    if mask.causal and can_share_kv_heads(q, k, v, dropout_p):
-        both = query_pair(q, w_q_neg, on_heads=True, rebuildable=rebuild_queries)
-        with rebuilt:
-            both = fused_attention(both, k, v, None, dropout_p, causal=True, gqa=True)
-        pair = both.unflatten(1, (q.size(1), 2))
-    # otherwise Q+ above Q- on the query axis: a mask that does not depend on the query
-    # broadcasts (a causal mask, where no fused kernel takes grouped-query heads, is a tensor)
-    else:
-        bias = Mask(mask.dense_bias(q, k)).stacked_bias() if mask.causal else mask.stacked_bias()
-        both = query_pair(q, w_q_neg, on_heads=False, rebuildable=rebuild_queries)
-        with rebuilt:
-            both = fused_attention(both, k, v, bias, dropout_p)
-        pair = both.unflatten(2, (2, q.size(2)))
+    with recomputed_instead_of_saved() if rebuild_queries else nullcontext():
+        # fairseq's future mask without padding: no mask tensor, is_causal (FlashAttention's path); heads
+        # 2h, 2h+1 hold Q+, Q- of head h, and grouped-query attention reads K, V head h for both
+        if mask.causal and can_share_kv_heads(q, k, v, dropout_p):
+            both = fused_attention(query_pair(q, w_q_neg, True, rebuild_queries), k, v, None, dropout_p, causal=True, gqa=True)
+            pair = both.unflatten(1, (q.size(1), 2))
+        # otherwise Q+ above Q- on the query axis: a mask that does not depend on the query
+        # broadcasts (a causal mask, where no fused kernel takes grouped-query heads, is a tensor)
+        else:
+            bias = Mask(mask.dense_bias(q, k)).stacked_bias() if mask.causal else mask.stacked_bias()
+            both = fused_attention(query_pair(q, w_q_neg, False, rebuild_queries), k, v, bias, dropout_p)
+            pair = both.unflatten(2, (2, q.size(2)))
     return signed_combination(pair, lambda_pos, lambda_neg, mask.empty_rows, physical_order(q), rebuildable)
 
 

@@ -32,7 +32,8 @@ Pairs: ``iwslt`` (transformer_iwslt_de_en / transformer_gpam_iwslt_de_en, --max-
 ``wmt_big`` (transformer_vaswani_wmt_en_de_big / transformer_gpam_vaswani_wmt_en_de_big,
 --max-tokens 3584), ``lm512`` (transformer_lm / transformer_lm_gpam, --tokens-per-sample 512,
 --max-tokens 4096). Writes ``fairseq_train.csv`` (one row a run), ``fairseq_train.md`` (the
-per-pair summary first) into ``--out-dir`` and keeps every run's log there.
+per-pair summary first) into ``--out-dir`` after every round (a run stopped by a time limit
+keeps the rounds done) and keeps every run's log there.
 """
 
 import argparse
@@ -340,6 +341,14 @@ def main(argv=None):
                                  max_rss_mib=round(memory["max_rss_mib"], 1), wall_s=round(wall, 1)))
                 log(f"    steady wps {wps:,.0f} ({low:,.0f}–{high:,.0f} over {records} records; "
                     f"x stock {wps / stock_wps:.3f}, peak {peak:,.0f} MiB x stock {peak / stock_peak:.3f}, {wall:.0f} s)")
+                if arch == our_arch:  # after every round: what is done survives a time limit
+                    table = write_results(rows, args)
+    print(table)
+    return rows
+
+
+def write_results(rows, args):
+    """fairseq_train.csv and fairseq_train.md of the runs so far; returns the Markdown."""
     with open(os.path.join(args.out_dir, "fairseq_train.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS)
         writer.writeheader()
@@ -347,8 +356,7 @@ def main(argv=None):
     table = markdown(rows, args)
     with open(os.path.join(args.out_dir, "fairseq_train.md"), "w") as f:
         f.write(table)
-    print(table)
-    return rows
+    return table
 
 
 def command_line(argv):
