@@ -11,6 +11,7 @@ checkpoint, the "killed" baseline cell resumes from its checkpoint, the 4 others
 import csv
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -169,7 +170,7 @@ def test_compare_runs_reads_the_sweep_runs_inference_cost_and_seeds(swept, tmp_p
     assert "Inference cost" in proc.stdout and "Across seeds" in proc.stdout and "1, 2 (2)" in proc.stdout
 
 
-def test_refusals_name_the_flag(tmp_path, monkeypatch):
+def test_refusals_name_the_flag(tmp_path, monkeypatch, capsys):
     """Checked before anything runs: more workers than visible GPUs, --slurm without SLURM, a λ pair the
     options refuse."""
     from gpam_fairseq.recipes import sweep as sweep_module
@@ -180,15 +181,21 @@ def test_refusals_name_the_flag(tmp_path, monkeypatch):
         monkeypatch.setenv(k, v)
     out = str(tmp_path / "out")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
-    with pytest.raises(SystemExit, match=r"--parallel 3: only 2 GPU\(s\) visible \(0, 1\)"):
-        sweep_module.main(["iwslt14", "--quick", "--lambda-pos", "0.7", "--seeds", "1", "--parallel", "3", "--out", out])
+
+    def refused(argv, pattern):  # one line on stderr, exit status 2
+        with pytest.raises(SystemExit) as stop:
+            sweep_module.main(argv)
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert stop.value.code == 2 and len(lines) == 1 and re.search(pattern, lines[0]), lines
+
+    refused(["iwslt14", "--quick", "--lambda-pos", "0.7", "--seeds", "1", "--parallel", "3", "--out", out],
+            r"--parallel 3: only 2 GPU\(s\) visible \(0, 1\)")
     monkeypatch.setenv("PATH", os.path.dirname(sys.executable))  # no sbatch here
-    with pytest.raises(SystemExit, match=r"--slurm: no sbatch on PATH; .* or add --cluster local"):
-        sweep_module.main(["iwslt14", "--quick", "--lambda-pos", "0.7", "--seeds", "1", "--slurm", "--out", out])
-    with pytest.raises(SystemExit, match=r"grid cell gpam_lp0.5_ln2_.*--gpam-lambda-neg: 2 >= 1 \+ --gpam-lambda-pos"):
-        sweep_module.main(["iwslt14", "--quick", "--lambda-pos", "0.5", "--lambda-neg", "2", "--out", out])
-    with pytest.raises(SystemExit, match=r"--lambda 'learned': choose from fixed, trainable"):
-        sweep_module.main(["iwslt14", "--lambda", "learned", "--out", out])
+    refused(["iwslt14", "--quick", "--lambda-pos", "0.7", "--seeds", "1", "--slurm", "--out", out],
+            r"--slurm: no sbatch on PATH; .* or add --cluster local")
+    refused(["iwslt14", "--quick", "--lambda-pos", "0.5", "--lambda-neg", "2", "--out", out],
+            r"grid cell gpam_lp0.5_ln2_.*--gpam-lambda-neg: 2 >= 1 \+ --gpam-lambda-pos")
+    refused(["iwslt14", "--lambda", "learned", "--out", out], r"--lambda 'learned': choose from fixed, trainable")
     assert not os.path.exists(os.path.join(out, "runs"))
 
 
