@@ -5,8 +5,10 @@ defines, O = (1 + lambda+) (P+ V) - lambda- (P- V), without a T x T map: the two
 are stacked (:func:`stack_queries`) for one ``scaled_dot_product_attention`` call over the
 shared K and V, and the signed combination is one more kernel (:class:`_SignedCombination`).
 Custom autograd Functions keep for the backward pass only what the kernel keeps anyway;
-:func:`recomputed_instead_of_saved` and :class:`_RecomputedAttention` trade kept activations
-for recomputation. Every function here is tested against the reference math of
+under :func:`recomputed_instead_of_saved`, the stacked queries of self-attention
+(:class:`StackedQueries`) and the combination are rebuilt in the backward pass instead of kept,
+so that a daGPAM layer keeps what a stock one keeps but the second map's output and
+log-sum-exp; :class:`_RecomputedAttention` (``--gpam-recompute-attention``) keeps only q, k, v. Every function here is tested against the reference math of
 :mod:`gpam_fairseq.attention.functional` (tests/test_fast_paths.py).
 """
 
