@@ -20,6 +20,10 @@ pass, are not. :class:`CostCounter` measures both, on the CPU as well as on a GP
 * **host syncs**: ``.item()``-like reads of a device value (``_local_scalar_dense``), which
   stall a GPU's queue.
 
+With a :class:`SavedTensorLedger` (``CostCounter(ledger=...)``, ``count_pass(..., ledger=...)``)
+every saved tensor is also recorded with its role, origin and copies: the memory ledger of
+``scripts/benchmark_memory.py`` (:mod:`gpam_fairseq.measurement.memory_ledger`).
+
 The outputs of the counted pass are the real ones (the fused attention is computed by
 ``F.scaled_dot_product_attention`` itself, and its backward by autograd through it), so a
 counted pass can also be checked for correctness.
