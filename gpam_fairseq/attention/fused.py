@@ -184,7 +184,9 @@ def query_pair(q: Tensor, w_q_neg: Tensor, on_heads: bool, rebuildable: bool = F
         return _QueryPair.apply(q, w_q_neg, on_heads, None)
     recipe = StackedQueries(q.detach(), w_q_neg.detach(), on_heads)
     both = _QueryPair.apply(q, w_q_neg, on_heads, recipe)
-    both.gpam_rebuild = recipe
+    for t in (both, both._base):  # the kernel may save a view of it
+        if t is not None:
+            t.gpam_rebuild = recipe
     return both
 
 
