@@ -11,7 +11,6 @@ import os
 from typing import Dict, List, Sequence
 
 from gpam_fairseq.recipes.matched_controls import DICTIONARIES, ControlError, ffn_stacks
-from gpam_fairseq.recipes.matched_controls import BASELINES, CONTROLS, DICTIONARY_NOTE  # noqa: F401  (sweep/, parameter_counts)
 
 
 # ----------------------------------------------------------------------------- parameter tables

@@ -16,7 +16,7 @@ import os
 import warnings
 
 from gpam_fairseq.fairseq_glue.tools import REPO_ROOT, say
-from gpam_fairseq.recipes import controls
+from gpam_fairseq.recipes import controls, matched_controls
 from gpam_fairseq.recipes.common import stop
 from gpam_fairseq.recipes.definitions import RECIPES
 
@@ -40,7 +40,7 @@ def main(argv=None):
     for name in args.recipe or list(RECIPES):
         say(f"[{name}] building the models of every size and MODEL value ...")
         table = controls.parameter_table(RECIPES[name])
-        say(f"\n{name}, {controls.DICTIONARY_NOTE[name]}:\n\n{table}\n")
+        say(f"\n{name}, {matched_controls.DICTIONARY_NOTE[name]}:\n\n{table}\n")
         if args.update or args.check:
             path = readme_path(name)
             with open(path, encoding="utf-8") as f:

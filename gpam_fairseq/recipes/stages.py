@@ -25,7 +25,7 @@ import shutil
 import sys
 
 from gpam_fairseq.fairseq_glue.tools import (REPO_ROOT, USER_DIR, fairseq_cli, log_records, parse_training_log,
-                                         read_generate_output, say)
+                                         read_eval_lm_output, read_generate_output, say)
 from gpam_fairseq.recipes import matched_controls  # below stages (controls.py imports stages)
 from gpam_fairseq.recipes.common import (RecipeError, env, env_args, env_int, has_finished, is_done, last_flag, mark_done,
                                          run_cli, training_progress)
@@ -436,13 +436,13 @@ def evaluate_language_model(s, ckpt, result):
     log_path = os.path.join(s.run_dir, "eval_lm.log")
     log = run_cli("fairseq-eval-lm", cmd, log_path)
     result["inference"] = inference_figures("fairseq-eval-lm", cmd, log, log_path)
-    m = re.search(r"Loss \(base 2\): ([\d.]+), Perplexity: ([\d.]+)", log)
-    if not m:
+    loss_base2, perplexity = read_eval_lm_output(log)
+    if loss_base2 is None:
         raise RecipeError(f"no 'Loss (base 2): ..., Perplexity: ...' line in {os.path.join(s.run_dir, 'eval_lm.log')}")
-    result.update(loss_base2=float(m.group(1)), perplexity=float(m.group(2)))
+    result.update(loss_base2=loss_base2, perplexity=perplexity)
     result["test_tokens"] = check_all_scored(s, result["inference"]["tokens"], "tokens", log_path)
     if s.recipe.bits_per_char:  # one token per byte, eos = newline: base-2 loss = bits per character
-        result["bpc"] = float(m.group(1))
+        result["bpc"] = loss_base2
 
 
 def stage_evaluate(s, argv):

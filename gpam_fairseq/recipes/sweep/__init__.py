@@ -24,7 +24,7 @@ and the plot), :mod:`.cli` (the command line; ``python -m gpam_fairseq.recipes.s
 
 from gpam_fairseq.recipes.sweep.cli import EPILOG, main, parser  # noqa: F401
 from gpam_fairseq.recipes.sweep.grid import (  # noqa: F401
-    PASSED_ON, QUICK_LM, QUICK_MAX_UPDATE, QUICK_NMT, Cell, Setting, build_cells, cell_environment, cell_status,
+    PASSED_ON, QUICK_LM, QUICK_MAX_UPDATE, QUICK_NMT, Cell, GridSystem, build_cells, cell_environment, cell_status,
     grid_settings, run_cell)
 from gpam_fairseq.recipes.sweep.report import best_valid_loss, collect, metric_of, plot, write_tables  # noqa: F401
 from gpam_fairseq.recipes.sweep.runners import (  # noqa: F401

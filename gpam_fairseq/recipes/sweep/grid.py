@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
-from gpam_fairseq.recipes import controls
+from gpam_fairseq.recipes import controls, matched_controls
 from gpam_fairseq.recipes.common import RecipeError, done_marker, env, env_args, last_flag
 from gpam_fairseq.recipes import registry
 
@@ -34,10 +34,10 @@ PASSED_ON = ("TASK", "SRC", "TGT", "LOWERCASE", "SIZE", "SETUP", "DIRECTION", "L
 
 
 @dataclass(frozen=True)
-class Setting:
+class GridSystem:
     """One system of the grid: a baseline, or daGPAM with its settings."""
 
-    model: str  # "gpam", or one of controls.BASELINES
+    model: str  # "gpam", or one of matched_controls.BASELINES
     lambda_pos: Optional[float] = None
     lambda_neg: Optional[float] = None
     trainable: bool = False
@@ -71,7 +71,7 @@ class Setting:
 
 @dataclass
 class Cell:
-    setting: Setting
+    setting: GridSystem
     seed: int
     run_name: str
     run_dir: str
@@ -89,7 +89,7 @@ def _floats(values, flag):
     return out
 
 
-def grid_settings(args, recipe) -> List[Setting]:
+def grid_settings(args, recipe) -> List[GridSystem]:
     """The daGPAM settings of the grid (λ+ × λ− × trainable × init × sharing × blocks), validated
     by the options' own rules, then the baselines."""
     from gpam_fairseq.options import (LM_ROLES, NEG_QUERY_INITS, NEG_QUERY_SHARING, NMT_ROLES, GPAMConfigError,
@@ -108,7 +108,7 @@ def grid_settings(args, recipe) -> List[Setting]:
     settings = []
     for lp, ln, mode, init, sharing, blocks in itertools.product(
             pos, [None] if tied else neg, args.lambda_mode, args.neg_query_init, args.neg_query, args.blocks):
-        s = Setting("gpam", lp, lp if tied else ln, mode == "trainable", init, sharing, blocks)
+        s = GridSystem("gpam", lp, lp if tied else ln, mode == "trainable", init, sharing, blocks)
         ns = argparse.Namespace(attention_type="dagpam", gpam_lambda_pos=s.lambda_pos, gpam_lambda_neg=s.lambda_neg,
                                 gpam_trainable_lambda=s.trainable, gpam_neg_query_init=init, gpam_neg_query=sharing,
                                 gpam_blocks=",".join(roles) if blocks == "all" else blocks)
@@ -119,9 +119,9 @@ def grid_settings(args, recipe) -> List[Setting]:
         settings.append(s)
     baselines = ([] if args.no_baseline else ["baseline"]) + list(args.controls)
     for b in baselines:
-        if b not in controls.BASELINES:
-            raise RecipeError(f"--controls {b!r}: choose from {', '.join(controls.CONTROLS)}")
-    return settings + [Setting(b) for b in dict.fromkeys(baselines)]
+        if b not in matched_controls.BASELINES:
+            raise RecipeError(f"--controls {b!r}: choose from {', '.join(matched_controls.CONTROLS)}")
+    return settings + [GridSystem(b) for b in dict.fromkeys(baselines)]
 
 
 def cell_environment(args, recipe_name, setting, seed, out) -> Dict[str, Optional[str]]:
