@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gpam_fairseq.attention.mechanisms import MECHANISMS
-from gpam_fairseq.measurement import benchmark
+from gpam_fairseq.measurement.benchmark import cli, inputs, ops, report
 
 # The budgets of the fused paths, in kernels launched (a fused attention call counting one
 # each way, as on a GPU) and bytes kept for the backward pass, against stock fairseq.
@@ -21,26 +21,26 @@ STEP_SAVED_DAGPAM = 1.05  # iwslt and wmt_big, at their real dictionary sizes
 @pytest.fixture(scope="module")
 def ops_rows(tmp_path_factory):
     out = tmp_path_factory.mktemp("ops")
-    rows = benchmark.main(["--levels", "ops", "--types", "softmax,dagpam", "--out-dir", str(out)])
+    rows = cli.main(["--levels", "ops", "--types", "softmax,dagpam", "--out-dir", str(out)])
     return {(r["shape"], r["variant"]): r for r in rows}, out
 
 
 def test_ops_level_rows_and_csv(ops_rows):
     rows, out = ops_rows
-    want = {(shape, v) for shape in (*benchmark.ROLES, *benchmark.OPS_PAIRS)
-            for v in ("stock", "softmax", "dagpam", benchmark.RECOMPUTED)}
+    want = {(shape, v) for shape in (*ops.ROLES, *ops.OPS_PAIRS)
+            for v in ("stock", "softmax", "dagpam", inputs.RECOMPUTED)}
     assert set(rows) == want
     for r in rows.values():
         assert r["note"] == "" and r["kernels"] > 0 and r["kernels_forward"] > 0
         assert (r["kernels_backward"] == 0) == (r["path"] == "beam step")  # beam steps: forward only
     with open(out / "ops.csv") as f:
         table = list(csv.DictReader(f))
-    assert tuple(table[0]) == benchmark.OPS_FIELDS and len(table) == len(want)
+    assert tuple(table[0]) == report.OPS_FIELDS and len(table) == len(want)
     md = (out / "benchmark.md").read_text()
     assert "| iwslt | train step | dagpam |" in md and "saved for backward" in md
 
 
-@pytest.mark.parametrize("role", benchmark.ROLES)
+@pytest.mark.parametrize("role", ops.ROLES)
 def test_module_kernel_budget_in_every_role(ops_rows, role):
     rows, _ = ops_rows
     stock, softmax, dagpam = (rows[(role, v)] for v in ("stock", "softmax", "dagpam"))
@@ -61,7 +61,7 @@ def test_training_step_kernel_budget(ops_rows, pair):
 @pytest.mark.parametrize("pair", ["iwslt", "wmt_big"])
 def test_training_step_saved_bytes_budget(ops_rows, pair):
     rows, _ = ops_rows
-    stock, dagpam, recomputed = rows[(pair, "stock")], rows[(pair, "dagpam")], rows[(pair, benchmark.RECOMPUTED)]
+    stock, dagpam, recomputed = rows[(pair, "stock")], rows[(pair, "dagpam")], rows[(pair, inputs.RECOMPUTED)]
     assert dagpam["saved_mib"] <= STEP_SAVED_DAGPAM * stock["saved_mib"], (dagpam, stock)
     assert dagpam["kernels"] <= STEP_KERNELS_DAGPAM_NMT * stock["kernels"], (dagpam, stock)
     # recomputing the attention in the backward pass: less than keeping it, in both currencies
@@ -72,7 +72,7 @@ def test_training_step_saved_bytes_budget(ops_rows, pair):
 def expected_rows(dtype):
     """(level, shape, variant, path) of every timed row a --quick run must produce."""
     rows = set()
-    for shape in benchmark.QUICK_SHAPES:
+    for shape in inputs.QUICK_SHAPES:
         rows.add(("core", shape.name, "sdpa", "one call"))
         rows |= {("attention", shape.name, "stock", p) for p in ("fast", "weights")}
         rows.add(("train", shape.name, "stock", "train"))
@@ -100,13 +100,13 @@ def check_timed_rows(rows, want):
 
 def test_quick_run_writes_every_row_csv_markdown_and_png(tmp_path, capsys):
     threads = torch.get_num_threads()
-    rows = benchmark.main(["--quick", "--out-dir", str(tmp_path)])
+    rows = cli.main(["--quick", "--out-dir", str(tmp_path)])
     assert torch.get_num_threads() == threads  # --quick's one thread does not leak into the tests
-    ops = [r for r in rows if r["level"] == "ops"]
+    counted = [r for r in rows if r["level"] == "ops"]
     timed = [r for r in rows if r["level"] != "ops"]
-    assert {(r["shape"], r["variant"]) for r in ops} == {
-        (s, v) for s in (*benchmark.ROLES, *benchmark.OPS_PAIRS) for v in ("stock", *MECHANISMS, benchmark.RECOMPUTED)}
-    assert all(r["note"] == "" and r["kernels"] > 0 for r in ops)
+    assert {(r["shape"], r["variant"]) for r in counted} == {
+        (s, v) for s in (*ops.ROLES, *ops.OPS_PAIRS) for v in ("stock", *MECHANISMS, inputs.RECOMPUTED)}
+    assert all(r["note"] == "" and r["kernels"] > 0 for r in counted)
     check_timed_rows(timed, expected_rows("fp32"))
     progress = capsys.readouterr().out
     assert "train group 1/" in progress and "done in" in progress
@@ -114,7 +114,7 @@ def test_quick_run_writes_every_row_csv_markdown_and_png(tmp_path, capsys):
     with open(tmp_path / "benchmark.csv") as f:
         table = list(csv.DictReader(f))
     assert [r["variant"] for r in table] == [r["variant"] for r in timed]
-    assert tuple(table[0]) == benchmark.FIELDS
+    assert tuple(table[0]) == report.FIELDS
     for r in table:
         assert math.isfinite(float(r["time_ratio"])) and r["peak_mem_mb"] == "n/a"
     png = (tmp_path / "benchmark.png").read_bytes()
@@ -125,14 +125,14 @@ def test_quick_run_writes_every_row_csv_markdown_and_png(tmp_path, capsys):
 
 def test_beam_level_alone_builds_its_own_models(tmp_path):
     """No level depends on another having run first."""
-    rows = benchmark.main(["--quick", "--levels", "beam", "--shapes", "iwslt", "--types", "dagpam",
-                           "--out-dir", str(tmp_path)])
+    rows = cli.main(["--quick", "--levels", "beam", "--shapes", "iwslt", "--types", "dagpam",
+                     "--out-dir", str(tmp_path)])
     assert {(r["variant"], r["note"]) for r in rows} == {("stock", ""), ("dagpam", "")}
 
 
 def test_bf16_rows_on_the_cpu(tmp_path):
-    rows = benchmark.main(["--quick", "--dtypes", "bf16", "--levels", "core,attention", "--shapes", "lm512",
-                           "--out-dir", str(tmp_path)])
+    rows = cli.main(["--quick", "--dtypes", "bf16", "--levels", "core,attention", "--shapes", "lm512",
+                     "--out-dir", str(tmp_path)])
     want = {r for r in expected_rows("bf16") if r[0] in ("core", "attention") and r[1] == "lm512"}
     check_timed_rows(rows, want)
 
@@ -140,11 +140,11 @@ def test_bf16_rows_on_the_cpu(tmp_path):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given without CUDA")
 def test_cuda_without_a_gpu_names_the_flag(tmp_path):
     with pytest.raises(SystemExit, match="--device cuda"):
-        benchmark.main(["--device", "cuda", "--out-dir", str(tmp_path)])
+        cli.main(["--device", "cuda", "--out-dir", str(tmp_path)])
 
 
 def test_bad_flag_values_name_the_flag(tmp_path):
     for argv, flag in ((["--dtypes", "fp8"], "--dtypes"), (["--levels", "speed"], "--levels"),
                        (["--shapes", "huge"], "--shapes"), (["--types", "linear"], "--types")):
         with pytest.raises(SystemExit, match=flag):
-            benchmark.main(["--quick", *argv, "--out-dir", str(tmp_path)])
+            cli.main(["--quick", *argv, "--out-dir", str(tmp_path)])

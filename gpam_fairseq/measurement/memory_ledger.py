@@ -30,11 +30,11 @@ from typing import Dict, List, Sequence
 import torch
 
 from gpam_fairseq.fairseq_glue.tools import REPO_ROOT
-from gpam_fairseq.measurement import benchmark
+from gpam_fairseq.measurement.benchmark import inputs, report
 from gpam_fairseq.measurement.profiling import ROLES, SavedTensorLedger, count_pass
 
 BATCHES = {"iwslt": (16, 32), "wmt_big": (16, 32), "lm512": (1, 512)}
-VARIANTS = ("stock", "dagpam", benchmark.RECOMPUTED)
+VARIANTS = ("stock", "dagpam", inputs.RECOMPUTED)
 TOTAL_FIELDS = ("pair", "dropout", "variant", "batch", "length", "saved_bytes", "counter_saved_bytes",
                 "saved_ratio", "kernels", "kernel_ratio") + tuple(f"role:{r}" for r in ROLES)
 TENSOR_FIELDS = ("pair", "dropout", "variant", "role", "bytes", "duplicated", "saves", "shape", "dtype", "origin",
@@ -46,15 +46,15 @@ def log(msg: str) -> None:
     print(f"[ledger {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def measure(shape: benchmark.Shape, variant: str, dropout: float, batch: int, length: int, device) -> dict:
+def measure(shape: inputs.Shape, variant: str, dropout: float, batch: int, length: int, device) -> dict:
     """One counted training step with its ledger."""
     from gpam_fairseq.attention.multihead import clear_mask_cache
 
     arch = shape.stock_arch if variant == "stock" else shape.gpam_arch
-    extra = (() if variant == "stock" else benchmark.variant_flags(variant)) + ("--dropout", str(dropout))
-    model, dictionary = benchmark.build_model(shape, arch, extra)
+    extra = (() if variant == "stock" else inputs.variant_flags(variant)) + ("--dropout", str(dropout))
+    model, dictionary = inputs.build_model(shape, arch, extra)
     model = model.to(device).train()
-    loss, _ = benchmark.training_loss(model, shape, batch, length, dictionary, device, torch.Generator().manual_seed(1))
+    loss, _ = inputs.training_loss(model, shape, batch, length, dictionary, device, torch.Generator().manual_seed(1))
     params = list(model.parameters())
     loss().backward()  # one pass first: constants made once per process are not a cost of the pass
     for p in params:
@@ -164,7 +164,7 @@ def main(argv=None) -> List[dict]:
 
 def run(args, argv) -> List[dict]:
     device = torch.device("cpu")
-    shapes = {s.name: s for s in (benchmark.QUICK_SHAPES if args.quick else benchmark.FULL_SHAPES)}
+    shapes = {s.name: s for s in (inputs.QUICK_SHAPES if args.quick else inputs.FULL_SHAPES)}
     os.makedirs(args.out_dir, exist_ok=True)
     command = "python scripts/benchmark_memory.py " + " ".join(argv if argv is not None else sys.argv[1:])
     sections, runs = [], []
@@ -184,7 +184,7 @@ def run(args, argv) -> List[dict]:
             sections.append(f"### {name}, dropout {dropout:g} ({batch} × {length} tokens)\n\n" + role_table(group)
                             + "\nFirst layer's attention modules, tensor by tensor (made or saved there):\n\n"
                             + tensor_table(group))
-    header = (f"Command: `{command}`\n\n{benchmark.environment()}\n\n"
+    header = (f"Command: `{command}`\n\n{report.environment()}\n\n"
               "Bytes autograd keeps from one training step's forward pass for its backward pass (parameters "
               "excluded), counted once per storage through saved-tensor hooks, by role; the fused attention call "
               "as a GPU kernel keeps its tensors. `copies of saved`: bytes of a saved tensor made by copying "

@@ -11,15 +11,15 @@ import sys
 
 import torch
 
-from gpam_fairseq.measurement import benchmark
+from gpam_fairseq.measurement.benchmark import inputs
 
 variant = sys.argv[1]
-shape = {s.name: s for s in benchmark.FULL_SHAPES}["iwslt"]
+shape = {s.name: s for s in inputs.FULL_SHAPES}["iwslt"]
 arch = shape.stock_arch if variant == "stock" else shape.gpam_arch
 extra = ("--dropout", "0.3") + (() if variant == "stock" else ("--attention-type", "dagpam"))
-model, dictionary = benchmark.build_model(shape, arch, extra)
+model, dictionary = inputs.build_model(shape, arch, extra)
 model.train()
-loss, _ = benchmark.training_loss(model, shape, 128, 32, dictionary, "cpu", torch.Generator().manual_seed(1))
+loss, _ = inputs.training_loss(model, shape, 128, 32, dictionary, "cpu", torch.Generator().manual_seed(1))
 
 
 def rss():
