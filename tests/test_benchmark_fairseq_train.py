@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from gpam_fairseq.fairseq_glue.tools import REPO_ROOT as REPO
-from gpam_fairseq.measurement import fairseq_train_speed as bft
+from gpam_fairseq.measurement import benchmark_fairseq_train as bft
 
 SCRIPT = os.path.join(REPO, "scripts", "benchmark_fairseq_train.py")
 
