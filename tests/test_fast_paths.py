@@ -1,12 +1,15 @@
 """Every fast path of daGPAM against the literal float64 reference of test_functional.py.
 
-The fast paths (gpam_fairseq/attention/functional.py, multihead.py): the fused path with
-both query sets stacked into one kernel call (mask independent of the query: padding,
-cross attention, incremental steps), the fused path with two calls (causal masks), the
-explicit path with one score product and one softmax for both maps and one product with V
-(with and without dropout), the beam-folded cross attention, and the cached K,V of
-incremental decoding. Each is checked in float64 on random inputs against a reference
-that is written out head by head and row by row.
+The fast paths (gpam_fairseq/attention/fused.py, paths.py, multihead.py): the fused path,
+which stacks both query sets into one ``scaled_dot_product_attention`` call for both maps
+(on the head axis with ``is_causal`` for the causal mask where a fused kernel takes
+grouped-query heads; otherwise on the query axis, the mask a tensor: padding, cross
+attention, incremental steps, the causal mask elsewhere) and combines their outputs with
+their signs in one more kernel, rebuilding the stacked queries in the backward pass in
+self-attention instead of keeping them; the explicit path with one score product and one
+softmax for both maps and one product with V (with and without dropout), the beam-folded
+cross attention, and the cached K,V of incremental decoding. Each is checked in float64 on
+random inputs against a reference that is written out head by head and row by row.
 """
 
 import dataclasses
