@@ -30,6 +30,7 @@ such an error ends up instead of wrapping the programs:
   is a separate process: its summary and its own traceback are printed after our line.
 """
 
+import functools
 import json
 import os
 import sys
@@ -117,6 +118,23 @@ def exit_with_error(message: str, tb=None) -> None:
         # normal exit after a traceback would
         traceback.clear_frames(tb)
     raise SystemExit(EXIT_STATUS)
+
+
+def refusals_exit_2(main):
+    """Wrap a command line's main(): a refusal it raises as ``SystemExit("message")`` (exit status 1
+    in Python) prints that one line on stderr and exits with status 2, argparse's and every other
+    command line's of the project."""
+    @functools.wraps(main)
+    def wrapped(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except SystemExit as e:
+            if not isinstance(e.code, str):
+                raise
+            sys.stdout.flush()
+            print(e.code, file=sys.stderr, flush=True)
+            raise SystemExit(EXIT_STATUS) from None
+    return wrapped
 
 
 def _interactive() -> bool:

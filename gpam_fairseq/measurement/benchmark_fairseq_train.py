@@ -47,6 +47,7 @@ import time
 import numpy as np
 
 from gpam_fairseq.fairseq_glue.tools import REPO_ROOT, USER_DIR, log_records, run_logged
+from gpam_fairseq.fairseq_glue.cli_errors import refusals_exit_2
 
 NMT_FLAGS = ["--share-decoder-input-output-embed", "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)",
              "--clip-norm", "0.0", "--lr", "5e-4", "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "4000",
@@ -359,6 +360,7 @@ def write_results(rows, args):
     return table
 
 
+@refusals_exit_2
 def command_line(argv):
     """scripts/benchmark_fairseq_train.py: the benchmark, or one run of train_command()."""
     if argv[:1] == ["--as-fairseq-train"]:  # one run of train_command(): not a user-facing flag

@@ -36,6 +36,7 @@ import time
 
 from gpam_fairseq.fairseq_glue.tools import REPO_ROOT as REPO, USER_DIR, log_records, say
 from gpam_fairseq.recipes.synthetic_corpus import write_corpus
+from gpam_fairseq.fairseq_glue.cli_errors import refusals_exit_2
 
 # fairseq's tools as modules of this interpreter: works wherever fairseq is importable (a venv, a
 # --target install on PYTHONPATH), not only where its console scripts sit next to sys.executable
@@ -232,6 +233,7 @@ def write_tables(rows, out_dir):
     return "\n".join(md)
 
 
+@refusals_exit_2
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=os.path.join(REPO, "runs", "gpu_checks"), help="output folder (replaced)")

@@ -32,6 +32,7 @@ import torch
 from gpam_fairseq.fairseq_glue.tools import REPO_ROOT
 from gpam_fairseq.measurement.benchmark import inputs, report
 from gpam_fairseq.measurement.profiling import ROLES, SavedTensorLedger, count_pass
+from gpam_fairseq.fairseq_glue.cli_errors import refusals_exit_2
 
 BATCHES = {"iwslt": (16, 32), "wmt_big": (16, 32), "lm512": (1, 512)}
 VARIANTS = ("stock", "dagpam", inputs.RECOMPUTED)
@@ -151,6 +152,7 @@ def parse_args(argv=None):
     return args
 
 
+@refusals_exit_2
 def main(argv=None) -> List[dict]:
     args = parse_args(argv)
     threads_before = torch.get_num_threads()

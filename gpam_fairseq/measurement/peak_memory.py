@@ -20,6 +20,7 @@ import json
 import os
 import resource
 import sys
+from gpam_fairseq.fairseq_glue.cli_errors import refusals_exit_2
 
 MARKER = "| gpam_fairseq peak_memory | "
 
@@ -59,6 +60,7 @@ def parse(text: str):
     return found
 
 
+@refusals_exit_2
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0].startswith("-"):

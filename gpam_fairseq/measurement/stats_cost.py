@@ -14,6 +14,7 @@ import time
 import torch
 
 from gpam_fairseq.fairseq_glue.tools import build_translation_model  # first: gpam_fairseq imports fairseq quietly
+from gpam_fairseq.fairseq_glue.cli_errors import refusals_exit_2
 from fairseq.logging import metrics
 
 SMALL = ["--encoder-layers", "2", "--decoder-layers", "2", "--encoder-embed-dim", "64", "--decoder-embed-dim", "64",
@@ -59,6 +60,7 @@ def run(a, interval):
     return words / (time.process_time() - t0), logged
 
 
+@refusals_exit_2
 def main(argv=None):
     a = get_parser().parse_args(argv)
     if a.quick:

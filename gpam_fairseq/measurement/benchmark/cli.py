@@ -36,6 +36,7 @@ from gpam_fairseq.measurement.benchmark.ops import OPS_PAIRS, ops_level
 from gpam_fairseq.measurement.benchmark.report import (
     FIELDS, OPS_FIELDS, environment, log, ops_table, timing_table, write_csv, write_plot)
 from gpam_fairseq.measurement.benchmark.timed import timed_level
+from gpam_fairseq.fairseq_glue.cli_errors import refusals_exit_2
 
 
 def parse_args(argv=None):
@@ -58,6 +59,7 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+@refusals_exit_2
 def main(argv=None) -> List[dict]:
     threads_before = torch.get_num_threads()
     try:

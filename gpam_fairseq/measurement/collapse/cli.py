@@ -58,6 +58,7 @@ from gpam_fairseq.measurement.collapse.measure import (build_random_model, data_
 from gpam_fairseq.measurement.collapse.output import plot, write_csv
 from gpam_fairseq.measurement.collapse.trained import TRAINED_FIELDS, summarise_trained, trained_lambdas
 from gpam_fairseq.options import ATTENTION_TYPES, DEFAULTS, NEG_QUERY_INITS
+from gpam_fairseq.fairseq_glue.cli_errors import refusals_exit_2
 
 
 def parse_names(text: str, flag: str, allowed, kind: str, unique: bool = False) -> List[str]:
@@ -229,6 +230,7 @@ def run(args) -> List[dict]:
     return rows
 
 
+@refusals_exit_2
 def main(argv=None) -> None:
     args = get_parser().parse_args(argv)
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
