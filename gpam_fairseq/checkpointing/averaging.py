@@ -51,18 +51,9 @@ def read_state(path: str) -> dict:
     """The dictionary saved in ``path``, as it was saved (no fairseq upgrade: a bare
     ``{"model": state_dict}`` has no ``best_loss`` or ``cfg`` and needs none); it must hold
     ``"model"``, a dictionary of tensors."""
-    import pickle
+    from gpam_fairseq.checkpointing.checkpoints import load_saved
 
-    import torch
-
-    from gpam_fairseq.checkpointing.checkpoints import check_checkpoint, torch_refusal
-
-    check_checkpoint(path)
-    try:
-        with open(path, "rb") as f:
-            state = torch.load(f, map_location="cpu")
-    except pickle.UnpicklingError as err:
-        raise torch_refusal(path, err) from None
+    state = load_saved(path)
     if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
         raise CheckpointAveragingError(
             f"{path}: holds no \"model\" dictionary of parameters; pass fairseq checkpoints or files saved as "

@@ -262,6 +262,18 @@ def load_state(path: str, arg_overrides: Optional[Dict[str, Any]] = None) -> Dic
         raise torch_refusal(path, err) from None
 
 
+def load_saved(path: str) -> Any:
+    """What ``path`` holds exactly as it was saved, on the CPU: no fairseq upgrade of its cfg, so a
+    bare ``{"model": state_dict}`` (which fairseq's own loader refuses for lack of ``best_loss``) loads
+    too. Scanned and weights-only loaded under the allowlist, as :func:`load_state`."""
+    check_checkpoint(path)
+    try:
+        with open(path, "rb") as f:
+            return torch.load(f, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise torch_refusal(path, err) from None
+
+
 def load_models(
     paths: Sequence[str], arg_overrides: Optional[Dict[str, Any]] = None, task=None
 ) -> Tuple[List[Any], Any, Any]:
